@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny MAE models (seconds on CPU) and real ultrasound DICOM paths.
+
+Every fixture writes under pytest's tmp paths, so tests are safe under ``pytest -n``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_MAE_KWARGS = dict(
+    image_size=32,
+    patch_size=8,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    decoder_hidden_size=16,
+    decoder_num_hidden_layers=1,
+    decoder_num_attention_heads=2,
+    decoder_intermediate_size=32,
+    layer_norm_eps=1e-6,
+    mask_ratio=0.75,
+    norm_pix_loss=False,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_mae_config():
+    """A 32x32-input ViTMAEConfig with the structure of USF-MAE (2 encoder blocks, 1 decoder block)."""
+    from transformers import ViTMAEConfig
+
+    return ViTMAEConfig(**TINY_MAE_KWARGS)
+
+
+@pytest.fixture(scope="session")
+def tiny_original_checkpoint(tmp_path_factory) -> Path:
+    """A random tiny MAE saved as the original code does: a bare state dict in a ``.pth`` file."""
+    import torch
+
+    from usfmae_hf.reference_mae import ReferenceMAE
+
+    torch.manual_seed(0)
+    model = ReferenceMAE.from_hf_config_kwargs(TINY_MAE_KWARGS)
+    path = tmp_path_factory.mktemp("tiny_ckpt") / "tiny_mae.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_original_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint converted to a full ViTMAE directory (config, safetensors, processor, card)."""
+    from usfmae_hf.conversion import convert_checkpoint
+
+    out = tmp_path_factory.mktemp("tiny_hf") / "tiny-usfmae"
+    convert_checkpoint(tiny_original_checkpoint, out, num_attention_heads=2, decoder_num_attention_heads=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tiny_original_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint converted to an encoder-only ``ViTModel`` directory (``--format vit``)."""
+    from usfmae_hf.conversion import convert_checkpoint
+
+    out = tmp_path_factory.mktemp("tiny_vit") / "tiny-usfmae-vit"
+    convert_checkpoint(
+        tiny_original_checkpoint, out, output_format="vit", num_attention_heads=2, decoder_num_attention_heads=2
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def ultrasound_dicoms() -> dict[str, Path]:
+    """Real ultrasound DICOM files shipped by ``pydicom-data``, by file name."""
+    from pydicom.data import get_testdata_file
+
+    names = [
+        "US1_UNCR.dcm",
+        "US1_J2KR.dcm",
+        "OBXXXX1A.dcm",
+        "OBXXXX1A_2frame.dcm",
+        "OBXXXX1A_rle.dcm",
+        "JPGLosslessP14SV1_1s_1f_8b.dcm",
+        "color3d_jpeg_baseline.dcm",
+        "gdcm-US-ALOKA-16.dcm",
+    ]
+    found = {}
+    for name in names:
+        path = get_testdata_file(name)
+        if path is not None:
+            found[name] = Path(path)
+    return found

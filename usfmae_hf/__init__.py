@@ -1,0 +1,31 @@
+"""usfmae-hf: USF-MAE, the ultrasound masked-autoencoder foundation model, for the Hugging Face stack.
+
+Heavy modules (torch, transformers) are imported on first use of a public name, so that
+``import usfmae_hf`` and ``usfmae --help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .version import __version__
+
+# public name -> module that defines it
+_LAZY_EXPORTS = {
+    "convert_checkpoint": "usfmae_hf.conversion",
+    "export_original": "usfmae_hf.conversion",
+    "load_original_checkpoint": "usfmae_hf.checkpoints",
+    "load_frames": "usfmae_hf.io",
+    "load_encoder": "usfmae_hf.inference",
+    "extract_features": "usfmae_hf.inference",
+    "reconstruct": "usfmae_hf.inference",
+}
+
+__all__ = ["__version__", *_LAZY_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_EXPORTS:
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+    raise AttributeError(f"module 'usfmae_hf' has no attribute {name!r}")

@@ -1,0 +1,70 @@
+"""Atomic writes: outputs appear complete or not at all, and nothing is overwritten by accident."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import OutputExistsError
+
+
+@contextlib.contextmanager
+def atomic_directory(output: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to ``output`` that replaces ``output`` on success.
+
+    The temporary directory lives in the same parent so the final ``rename`` is atomic on the same
+    file system. On any exception it is removed and an existing ``output`` is left untouched.
+    """
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"{output} already exists (pass --overwrite to replace it)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        yield staging
+        if output.exists():
+            # Move the old output aside first so that a crash between the two renames leaves
+            # either the old or the new directory in place, never neither.
+            backup = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent))
+            backup.rmdir()
+            output.rename(backup)
+            staging.rename(output)
+            _remove(backup)
+        else:
+            staging.rename(output)
+    except BaseException:
+        _remove(staging)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Text version of :func:`atomic_write_bytes` (UTF-8)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()

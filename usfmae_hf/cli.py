@@ -1,0 +1,49 @@
+"""The ``usfmae`` command line.
+
+Every module in :mod:`usfmae_hf.commands` contributes one or more sub-commands through a
+``register(subparsers)`` function, so a feature's command lives next to nothing but itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from . import commands
+from .errors import UsfmaeError
+from .version import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="usfmae",
+        description="USF-MAE ultrasound foundation model tools: conversion, features, data, training, publishing.",
+    )
+    parser.add_argument("--version", action="version", version=f"usfmae-hf {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{commands.__name__}.{module_info.name}")
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``usfmae`` console script; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UsfmaeError as error:
+        # Expected failures (bad input, refused checkpoints, ...) are one line, not a traceback.
+        print(f"usfmae {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"usfmae {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
