@@ -1,0 +1,287 @@
+"""Reading original MAE / USF-MAE checkpoints safely, and inferring their architecture.
+
+Checkpoints are untrusted pickles. They are only ever opened with ``torch.load(weights_only=True)``
+(or as safetensors), which refuses any pickle that would import and call arbitrary code. Every
+failure becomes a :class:`~usfmae_hf.errors.CheckpointError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+from .weights import is_decoder_key
+
+# Layout names recorded in the provenance of converted models.
+LAYOUT_STATE_DICT = "state_dict"  # torch.save(model.state_dict()), what USF-MAE saves
+LAYOUT_MAE_CHECKPOINT = "mae_checkpoint"  # {"model": ..., "optimizer": ..., "epoch": ..., "args": ...}
+LAYOUT_ENCODER_ONLY = "encoder_only"  # no decoder_* / mask_token, as Meta's "pretrain" releases
+
+# Hidden size -> attention heads of the standard ViT sizes; heads cannot be read off shapes.
+ENCODER_HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+DECODER_HEADS = 16  # every released MAE decoder uses 16 heads
+
+_BLOCK_INNER_SUFFIXES = (
+    "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+    "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+)  # fmt: skip
+_ENCODER_TOP = ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias")
+_DECODER_TOP = (
+    "mask_token", "decoder_pos_embed", "decoder_embed.weight", "decoder_embed.bias",
+    "decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias",
+)  # fmt: skip
+_BLOCK_INDEX = re.compile(r"^(blocks|decoder_blocks)\.(\d+)\.")
+# Wrappers some training frameworks add in front of every key.
+_KEY_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class OriginalCheckpoint:
+    """An original-layout MAE state dict with what was learned while reading it."""
+
+    state_dict: dict[str, torch.Tensor]
+    layout: str
+    sha256: str
+    path: Path
+    extra: dict = field(default_factory=dict)  # e.g. the "epoch" of a training checkpoint
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.layout != LAYOUT_ENCODER_ONLY
+
+
+def sha256_of_file(path: str | Path, chunk_size: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_original_checkpoint(path: str | Path) -> OriginalCheckpoint:
+    """Read an MAE checkpoint in any of the layouts in the wild and validate it.
+
+    Accepts ``.pt``/``.pth`` pickles (bare state dict, or ``{"model": state_dict, ...}``) and
+    ``.safetensors`` files; encoder-only files are recognised by the absence of decoder keys.
+    Raises :class:`CheckpointError` for unsafe, truncated, corrupt or non-MAE files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    raw = _read_safetensors(path) if path.suffix == ".safetensors" else _read_pickle(path)
+
+    extra: dict = {}
+    layout = LAYOUT_STATE_DICT
+    if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
+        layout = LAYOUT_MAE_CHECKPOINT
+        extra = {key: raw[key] for key in ("epoch",) if isinstance(raw.get(key), (int, float))}
+        raw = raw["model"]
+    if not isinstance(raw, dict) or not raw:
+        raise CheckpointError(f"{path}: not a state dict (found {type(raw).__name__})")
+    non_tensors = [key for key, value in raw.items() if not isinstance(value, torch.Tensor)]
+    if non_tensors:
+        raise CheckpointError(f"{path}: not a state dict: {len(non_tensors)} entries are not tensors, e.g. {non_tensors[0]!r}")
+
+    state_dict = {_strip_wrappers(key): value for key, value in raw.items()}
+    if not any(is_decoder_key(key) for key in state_dict):
+        layout = LAYOUT_ENCODER_ONLY
+    validate_mae_state_dict(state_dict, encoder_only=layout == LAYOUT_ENCODER_ONLY, source=str(path))
+    return OriginalCheckpoint(state_dict, layout, sha256_of_file(path), path, extra)
+
+
+def _read_pickle(path: Path):
+    try:
+        # mmap keeps peak memory near the file size; Namespace is how MAE stores its "args".
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except pickle.UnpicklingError as error:
+        culprit = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if culprit is None:  # not a refused import: the pickle stream itself is broken
+            raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_line(error)})") from None
+        raise CheckpointError(
+            f"{path}: refused: the pickle would import and run code ({culprit.group(1)}); nothing was executed. "
+            "Only plain tensor checkpoints are accepted."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({error})") from None
+
+
+def _is_zip(path: Path) -> bool:
+    # torch.save writes zip archives since 1.6; older (legacy) pickles cannot be memory-mapped.
+    return zipfile.is_zipfile(path)
+
+
+def _strip_wrappers(key: str) -> str:
+    for prefix in _KEY_PREFIXES:
+        key = key.removeprefix(prefix)
+    return key
+
+
+def _count_blocks(state_dict: dict[str, torch.Tensor], stack: str) -> int:
+    indices = {int(m.group(2)) for key in state_dict if (m := _BLOCK_INDEX.match(key)) and m.group(1) == stack}
+    if indices and indices != set(range(max(indices) + 1)):
+        missing = sorted(set(range(max(indices) + 1)) - indices)
+        raise CheckpointError(f"{stack}: block indices are not contiguous (missing {missing})")
+    return len(indices)
+
+
+def expected_keys(depth: int, decoder_depth: int | None) -> set[str]:
+    """The full original-layout key set of an MAE with these depths (``None``: encoder only)."""
+    keys = set(_ENCODER_TOP) | {f"blocks.{i}.{s}" for i in range(depth) for s in _BLOCK_INNER_SUFFIXES}
+    if decoder_depth is not None:
+        keys |= set(_DECODER_TOP) | {f"decoder_blocks.{i}.{s}" for i in range(decoder_depth) for s in _BLOCK_INNER_SUFFIXES}
+    return keys
+
+
+def validate_mae_state_dict(state_dict: dict[str, torch.Tensor], *, encoder_only: bool, source: str = "checkpoint") -> None:
+    """Check keys and shapes of an original-layout MAE state dict; raise one readable error."""
+    if "patch_embed.proj.weight" not in state_dict or "pos_embed" not in state_dict:
+        sample = ", ".join(sorted(state_dict)[:3])
+        raise CheckpointError(f"{source}: not an MAE/ViT checkpoint (no patch_embed.proj.weight / pos_embed; keys start {sample})")
+    try:
+        depth = _count_blocks(state_dict, "blocks")
+        decoder_depth = None if encoder_only else _count_blocks(state_dict, "decoder_blocks")
+    except CheckpointError as error:
+        raise CheckpointError(f"{source}: {error}") from None
+    expected = expected_keys(depth, decoder_depth)
+    missing = sorted(expected - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected)
+    if missing:
+        raise CheckpointError(f"{source}: missing keys: {_short_list(missing)}")
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected keys: {_short_list(unexpected)}")
+    _check_shapes(state_dict, depth, decoder_depth, source)
+
+
+def _short_list(names: list[str], limit: int = 5) -> str:
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _check_shapes(state_dict: dict[str, torch.Tensor], depth: int, decoder_depth: int | None, source: str) -> None:
+    patch_weight = state_dict["patch_embed.proj.weight"]
+    if patch_weight.ndim != 4 or patch_weight.shape[2] != patch_weight.shape[3]:
+        raise CheckpointError(f"{source}: patch_embed.proj.weight has shape {tuple(patch_weight.shape)}, expected (D, C, P, P)")
+    width = patch_weight.shape[0]
+    mlp = state_dict["blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * width
+    expected = {
+        "cls_token": (1, 1, width),
+        "patch_embed.proj.bias": (width,),
+        "norm.weight": (width,),
+        "norm.bias": (width,),
+    }
+    pos = state_dict["pos_embed"]
+    if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != width:
+        raise CheckpointError(f"{source}: pos_embed has shape {tuple(pos.shape)}, expected (1, N+1, {width})")
+    _grid_side(pos.shape[1] - 1, source)
+    expected.update(_block_shapes("blocks", depth, width, mlp))
+    if decoder_depth is not None:
+        dec = state_dict["decoder_embed.weight"].shape[0]
+        dec_mlp = state_dict["decoder_blocks.0.mlp.fc1.weight"].shape[0] if decoder_depth else 4 * dec
+        pixels = patch_weight.shape[1] * patch_weight.shape[2] * patch_weight.shape[3]
+        expected.update(
+            {
+                "mask_token": (1, 1, dec),
+                "decoder_pos_embed": (1, pos.shape[1], dec),
+                "decoder_embed.weight": (dec, width),
+                "decoder_embed.bias": (dec,),
+                "decoder_norm.weight": (dec,),
+                "decoder_norm.bias": (dec,),
+                "decoder_pred.weight": (pixels, dec),
+                "decoder_pred.bias": (pixels,),
+            }
+        )
+        expected.update(_block_shapes("decoder_blocks", decoder_depth, dec, dec_mlp))
+    for name, shape in expected.items():
+        if tuple(state_dict[name].shape) != shape:
+            raise CheckpointError(f"{source}: {name} has shape {tuple(state_dict[name].shape)}, expected {shape}")
+
+
+def _block_shapes(stack: str, depth: int, width: int, mlp: int) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for i in range(depth):
+        base = f"{stack}.{i}"
+        shapes.update(
+            {
+                f"{base}.norm1.weight": (width,), f"{base}.norm1.bias": (width,),
+                f"{base}.attn.qkv.weight": (3 * width, width), f"{base}.attn.qkv.bias": (3 * width,),
+                f"{base}.attn.proj.weight": (width, width), f"{base}.attn.proj.bias": (width,),
+                f"{base}.norm2.weight": (width,), f"{base}.norm2.bias": (width,),
+                f"{base}.mlp.fc1.weight": (mlp, width), f"{base}.mlp.fc1.bias": (mlp,),
+                f"{base}.mlp.fc2.weight": (width, mlp), f"{base}.mlp.fc2.bias": (width,),
+            }
+        )  # fmt: skip
+    return shapes
+
+
+def _grid_side(num_patches: int, source: str) -> int:
+    side = math.isqrt(num_patches)
+    if side * side != num_patches or side == 0:
+        raise CheckpointError(f"{source}: pos_embed holds {num_patches} patch positions, not a square grid")
+    return side
+
+
+def infer_vitmae_config_kwargs(
+    checkpoint: OriginalCheckpoint,
+    *,
+    num_attention_heads: int | None = None,
+    decoder_num_attention_heads: int | None = None,
+) -> dict:
+    """``ViTMAEConfig`` keyword arguments read off tensor shapes (heads from presets or overrides)."""
+    sd = checkpoint.state_dict
+    width, channels, patch, _ = sd["patch_embed.proj.weight"].shape
+    side = _grid_side(sd["pos_embed"].shape[1] - 1, str(checkpoint.path))
+    heads = num_attention_heads or ENCODER_HEADS_BY_WIDTH.get(width)
+    if heads is None:
+        raise CheckpointError(f"hidden size {width} has no standard head count; pass --num-attention-heads")
+    if width % heads:
+        raise CheckpointError(f"hidden size {width} is not divisible by {heads} attention heads")
+    kwargs = dict(
+        hidden_size=width,
+        num_hidden_layers=_count_blocks(sd, "blocks"),
+        num_attention_heads=heads,
+        intermediate_size=sd["blocks.0.mlp.fc1.weight"].shape[0],
+        hidden_act="gelu",
+        qkv_bias=True,
+        layer_norm_eps=1e-6,
+        image_size=side * patch,
+        patch_size=patch,
+        num_channels=channels,
+    )
+    if checkpoint.has_decoder:
+        dec = sd["decoder_embed.weight"].shape[0]
+        dec_heads = decoder_num_attention_heads or DECODER_HEADS
+        if dec % dec_heads:
+            raise CheckpointError(f"decoder width {dec} is not divisible by {dec_heads} heads; pass --decoder-num-attention-heads")
+        kwargs.update(
+            decoder_hidden_size=dec,
+            decoder_num_hidden_layers=_count_blocks(sd, "decoder_blocks"),
+            decoder_num_attention_heads=dec_heads,
+            decoder_intermediate_size=sd["decoder_blocks.0.mlp.fc1.weight"].shape[0],
+        )
+    return kwargs
