@@ -29,11 +29,8 @@ def save_noise(path: Path, seed: int, mode: str = "L") -> None:
     Image.fromarray(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)).save(path)
 
 
-@pytest.fixture(scope="module")
-def busbra(tmp_path_factory):
-    """BUS-BRA as released: Images/, Masks/, bus_data.csv, 5- and 10-fold CSVs with an image-level validation split."""
-    root = tmp_path_factory.mktemp("busbra")
-    folder = root / "downloads" / "BUSBRA"
+def write_busbra(folder: Path) -> dict:
+    """BUS-BRA as released, into ``folder``: Images/, Masks/, bus_data.csv, 5- and 10-fold CSVs with an image-level validation split."""
     rows, folds = [], {}
     for case in range(1, 31):
         sides = ["s"] if case % 3 == 0 else ["l", "r"]
@@ -59,7 +56,13 @@ def busbra(tmp_path_factory):
                 # image-level validation: the left and right images of a patient can land on both sides
                 valid = ["" if k == fold else (0 if side == "r" and case % 2 else 1) for k in range(1, n_folds + 1)]
                 writer.writerow([image_id, pathology, fold, *valid])
-    return {"root": root, "rows": rows, "folds": folds}
+    return {"rows": rows, "folds": folds}
+
+
+@pytest.fixture(scope="module")
+def busbra(tmp_path_factory):
+    root = tmp_path_factory.mktemp("busbra")
+    return {"root": root, **write_busbra(root / "downloads" / "BUSBRA")}
 
 
 @pytest.mark.parametrize("fold", [1, 4])

@@ -1,23 +1,112 @@
 """USF-MAE's evaluation preprocessing as a Hugging Face image processor.
 
 USF-MAE evaluated with ``convert("RGB") -> Resize((224, 224), NEAREST) -> ToTensor -> Normalize(ImageNet)``
-(aspect ratio not kept). ``ViTImageProcessor`` with ``resample=NEAREST`` and ImageNet mean/std
-reproduces it; we always use the torchvision-backed ("fast") processor so that training and
-evaluation share one backend (the PIL one differs by up to ~0.02, see NOTES).
+on PIL images (aspect ratio not kept). transformers 5 has two ViT processors: the default
+torchvision one resizes tensors, and its NEAREST picks a neighbouring source pixel wherever the
+scale is not an integer (640 -> 224: 20 of 224 columns), up to 4.5 in normalised units off;
+``ViTImageProcessorPil`` resizes with PIL, as USF-MAE did, and matches it exactly. So:
+
+* :func:`build_image_processor` returns a ``ViTImageProcessorPil``. Its saved
+  ``preprocessor_config.json`` is a plain ``ViTImageProcessor`` config that any transformers
+  version loads; under transformers 5, ``AutoImageProcessor.from_pretrained(path, backend="pil")``
+  (or :func:`load_image_processor`) gives the exact transform, the default backend the approximate one.
+* With an optional ultrasound step on (``crop_to_scan_area``, ``remove_annotations``) it returns an
+  :class:`UltrasoundImageProcessor` instead: the same PIL-backend processor that first cleans each
+  image with :mod:`usfmae_hf.ultrasound`. Its config records the steps and names its own class, so
+  a library that does not know the steps fails to load it instead of silently skipping them;
+  importing this module registers it with ``AutoImageProcessor``.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from transformers import AutoImageProcessor, PretrainedConfig, ViTImageProcessorPil
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NEAREST = 0  # PIL.Image.Resampling.NEAREST / transformers' PILImageResampling.NEAREST
+PROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 
 
-def build_image_processor(image_size: int = 224):
-    """Return the ``ViTImageProcessor`` that reproduces USF-MAE's evaluation transform."""
-    from transformers import ViTImageProcessor
+class UltrasoundImageProcessor(ViTImageProcessorPil):
+    """``ViTImageProcessorPil`` preceded by optional ultrasound clean-up of each image.
 
-    return ViTImageProcessor(
+    Args:
+        crop_to_scan_area: crop each image to its scan area (:func:`usfmae_hf.ultrasound.crop_to_scan_area`).
+        remove_annotations: inpaint burned-in text, calipers and coloured markers
+            (:func:`usfmae_hf.ultrasound.remove_annotations`); done before cropping.
+        **kwargs: ``ViTImageProcessorPil`` arguments.
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(self, crop_to_scan_area: bool = False, remove_annotations: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.crop_to_scan_area = crop_to_scan_area
+        self.remove_annotations = remove_annotations
+
+    def clean(self, image: Any) -> np.ndarray:
+        """Apply the enabled ultrasound steps to one PIL image or uint8 ``(H, W[, C])`` array; return RGB uint8."""
+        from .io.pixels import to_rgb_uint8
+        from .ultrasound import crop_to_scan_area, remove_annotations
+
+        if isinstance(image, Image.Image):
+            array = np.asarray(image.convert("RGB"))
+        elif isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim in (2, 3):
+            array = to_rgb_uint8(image)
+        else:
+            raise ValueError(
+                "ultrasound preprocessing steps take PIL images or uint8 (H, W[, C]) arrays, "
+                f"got {type(image).__name__}"
+            )
+        if self.remove_annotations:
+            array = remove_annotations(array)
+        if self.crop_to_scan_area:
+            array = crop_to_scan_area(array)
+        return array
+
+    def preprocess(self, images: Any, *args: Any, **kwargs: Any):
+        """Clean each image (:meth:`clean`), then resize, rescale and normalise as ``ViTImageProcessorPil``."""
+        if self.crop_to_scan_area or self.remove_annotations:
+            images = [self.clean(image) for image in (images if isinstance(images, (list, tuple)) else [images])]
+        return super().preprocess(images, *args, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output["image_processor_type"] = type(self).__name__
+        return output
+
+
+class _UltrasoundProcessorKey(PretrainedConfig):
+    """Registration key only: ``AutoImageProcessor.register`` indexes classes by a config class."""
+
+    model_type = "usfmae_ultrasound_image_processor"
+
+
+AutoImageProcessor.register(
+    _UltrasoundProcessorKey,
+    image_processor_classes={"pil": UltrasoundImageProcessor, "torchvision": UltrasoundImageProcessor},
+    exist_ok=True,
+)
+
+
+def build_image_processor(
+    image_size: int = 224, *, crop_to_scan_area: bool = False, remove_annotations: bool = False
+) -> ViTImageProcessorPil:
+    """Return the image processor that reproduces USF-MAE's evaluation transform exactly.
+
+    Args:
+        image_size: output height and width (the model's ``image_size``).
+        crop_to_scan_area: first crop each image to its scan area (off in USF-MAE).
+        remove_annotations: first inpaint burned-in annotations (USF-MAE did this offline, before training).
+    """
+    kwargs = dict(
         do_resize=True,
         size={"height": image_size, "width": image_size},
         resample=NEAREST,
@@ -28,3 +117,22 @@ def build_image_processor(image_size: int = 224):
         image_std=list(IMAGENET_STD),
         do_convert_rgb=True,
     )
+    if crop_to_scan_area or remove_annotations:
+        return UltrasoundImageProcessor(
+            crop_to_scan_area=crop_to_scan_area, remove_annotations=remove_annotations, **kwargs
+        )
+    return ViTImageProcessorPil(**kwargs)
+
+
+def load_image_processor(path: str | os.PathLike, *, image_size: int | None = None) -> ViTImageProcessorPil:
+    """Load the exact (PIL-backend) processor saved in a model directory.
+
+    Falls back to :func:`build_image_processor` with ``image_size`` (or the directory's
+    ``config.json`` ``image_size``) when the directory has no ``preprocessor_config.json``.
+    """
+    path = Path(path)
+    if (path / PROCESSOR_CONFIG_NAME).is_file():
+        return AutoImageProcessor.from_pretrained(path, backend="pil")
+    if image_size is None:
+        image_size = int(json.loads((path / "config.json").read_text())["image_size"])
+    return build_image_processor(image_size)

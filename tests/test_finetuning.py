@@ -1,0 +1,383 @@
+"""Fine-tuning: heads (incl. remote code without usfmae_hf), data checks, Trainer runs (1 and 2 ranks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hub_server import hub_server  # noqa: F401 - pytest fixture
+from PIL import Image
+
+from usfmae_hf.errors import UnreadableImageError, UsfmaeError
+from usfmae_hf.finetuning import UsfmaeForImageClassification, build_classifier
+from usfmae_hf.finetuning.data import check_labels, drop_unreadable, load_labelled_images
+from usfmae_hf.finetuning.recipe import ClassificationCollator, ClassificationLoss, layer_decay_param_groups
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = (("benign", 60), ("malignant", 170))
+
+
+def make_speckle_folders(root: Path, sizes: dict[str, int], seed: int = 0) -> Path:
+    """Class-per-folder grey speckle images (Rayleigh, like B-mode) whose classes differ in echogenicity."""
+    rng = np.random.default_rng(seed)
+    for split, per_class in sizes.items():
+        for name, level in CLASSES:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                speckle = np.clip(rng.rayleigh(scale=level / 1.25, size=(40, 48)), 0, 255).astype(np.uint8)
+                Image.fromarray(speckle, mode="L").save(folder / f"{name}_{i}.png")
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def speckle_data(tmp_path_factory) -> Path:
+    return make_speckle_folders(tmp_path_factory.mktemp("speckle"), {"train": 12, "validation": 6, "test": 6})
+
+
+def test_mean_head_is_the_mae_recipe(tiny_model_dir):
+    from transformers import ViTModel
+
+    model = build_classifier(tiny_model_dir, ["a", "b", "c"], head="mean", drop_path_rate=0.1).eval()
+    assert model.config.id2label == {0: "a", 1: "b", 2: "c"} and model.config.label2id["c"] == 2
+    assert model.classifier.weight.std() < 1e-4  # trunc-normal std 2e-5
+    encoder = ViTModel.from_pretrained(tiny_model_dir, add_pooling_layer=False).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        # the last block's output before the encoder's final norm, mean over patches (CLS excluded)
+        tokens = encoder(pixels, output_hidden_states=True).hidden_states[-1]
+        expected = model.classifier(model.fc_norm(tokens[:, 1:].mean(1)))
+        torch.testing.assert_close(model(pixel_values=pixels).logits, expected)
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.equal(model(pixel_values=pixels).logits, model(pixel_values=pixels).logits)  # drop-path active
+
+
+def test_cls_head_is_stock_vit(tiny_vit_dir, tmp_path):
+    from transformers import AutoModelForImageClassification, ViTForImageClassification
+
+    model = build_classifier(tiny_vit_dir, ["x", "y"], head="cls")
+    assert type(model) is ViTForImageClassification
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert type(reloaded) is ViTForImageClassification and reloaded.config.id2label == {0: "x", 1: "y"}
+
+
+REMOTE_CODE_CHECK = """
+import site, sys
+sys.path.extend(site.getsitepackages())  # run with -I -S: site-packages without .pth files (no editable usfmae_hf)
+try:
+    import usfmae_hf
+except ModuleNotFoundError:
+    pass
+else:
+    sys.exit("usfmae_hf is importable here: " + usfmae_hf.__file__)
+import numpy as np, torch
+from transformers import AutoModelForImageClassification
+model = AutoModelForImageClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+pixels = torch.from_numpy(np.load(sys.argv[2]))
+with torch.no_grad():
+    np.save(sys.argv[3], model(pixel_values=pixels).logits.numpy())
+print(type(model).__name__, model.config.id2label)
+"""
+
+
+@pytest.mark.slow
+def test_mean_head_loads_with_remote_code_without_package(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    model = build_classifier(tiny_model_dir, ["benign", "malignant"], head="mean").eval()
+    saved = tmp_path / "classifier"
+    model.save_pretrained(saved)
+    config = json.loads((saved / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageClassification"] == "modeling_usfmae.UsfmaeForImageClassification"
+    assert (saved / "modeling_usfmae.py").is_file()
+    # in this process (package imported, classes registered) the Auto class needs no remote code
+    assert type(AutoModelForImageClassification.from_pretrained(saved)) is UsfmaeForImageClassification
+
+    pixels = torch.randn(2, 3, 32, 32)
+    np.save(tmp_path / "pixels.npy", pixels.numpy())
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).logits.numpy()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            REMOTE_CODE_CHECK,
+            str(saved),
+            str(tmp_path / "pixels.npy"),
+            str(tmp_path / "out.npy"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "UsfmaeForImageClassification" in result.stdout and "malignant" in result.stdout
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)
+
+
+def test_layer_decay_groups(tiny_model_dir):
+    model = build_classifier(tiny_model_dir, ["a", "b"], head="mean")
+    groups = layer_decay_param_groups(
+        model,
+        learning_rate=1.0,
+        weight_decay=0.05,
+        layer_decay=0.5,
+        decay_names=[name for name, p in model.named_parameters() if p.ndim > 1],
+    )
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    # 2 blocks: embeddings depth 0 -> 0.5**3, block 1 -> 0.5**1, head -> 1
+    assert lr_of[id(params["vit.embeddings.patch_embeddings.projection.weight"])] == (0.125, 0.05)
+    assert lr_of[id(params["vit.embeddings.cls_token"])] == (0.125, 0.0)
+    assert lr_of[id(params["vit.layers.1.mlp.fc1.weight"])] == (0.5, 0.05)
+    assert lr_of[id(params["vit.layers.1.mlp.fc1.bias"])] == (0.5, 0.0)
+    assert lr_of[id(params["classifier.weight"])] == (1.0, 0.05)
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_loss_and_collator():
+    logits = torch.randn(4, 3)
+    labels = torch.tensor([0, 2, 1, 2])
+    loss = ClassificationLoss(label_smoothing=0.1)
+    expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+    torch.testing.assert_close(loss({"logits": logits}, labels), expected)
+    # gradient accumulation: sum over this batch / samples of the whole accumulated batch (8)
+    torch.testing.assert_close(loss({"logits": logits}, labels, num_items_in_batch=8), expected * 4 / 8)
+    soft = torch.nn.functional.one_hot(labels, 3).float()
+    # the Trainer counts soft-label entries (4 x 3); the loss converts back to samples
+    torch.testing.assert_close(loss({"logits": logits}, soft, num_items_in_batch=torch.tensor(12)), expected)
+
+    collator = ClassificationCollator(3, mixup=0.8, cutmix=1.0)
+    examples = [{"pixel_values": torch.rand(3, 8, 8), "labels": i % 3} for i in range(4)]
+    evaluation = collator(examples)
+    assert evaluation["labels"].tolist() == [0, 1, 2, 0] and torch.equal(
+        evaluation["pixel_values"][1], examples[1]["pixel_values"]
+    )
+    train = collator([{**example, "train": True} for example in examples])
+    assert train["labels"].shape == (4, 3) and torch.allclose(train["labels"].sum(1), torch.ones(4))
+
+
+def test_class_weights_and_layer_decay_optimizer(tiny_model_dir, tmp_path):
+    from sklearn.utils.class_weight import compute_class_weight
+    from transformers import TrainingArguments
+
+    from usfmae_hf.finetuning.recipe import UsfmaeTrainer, balanced_class_weights
+
+    labels = [0, 0, 0, 1, 2, 2]
+    weights = balanced_class_weights(labels, 3)
+    np.testing.assert_allclose(weights, compute_class_weight("balanced", classes=np.arange(3), y=labels), rtol=1e-6)
+    logits, targets = torch.randn(6, 3), torch.tensor(labels)
+    per_sample = torch.nn.functional.cross_entropy(logits, targets, reduction="none") * weights[targets]
+    torch.testing.assert_close(
+        ClassificationLoss(class_weights=weights)({"logits": logits}, targets), per_sample.mean()
+    )
+    with pytest.raises(ValueError, match="absent"):
+        balanced_class_weights([0, 0, 2], 3)
+
+    model = build_classifier(tiny_model_dir, ["a", "b"], head="cls")
+    args = TrainingArguments(
+        output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.05, use_cpu=True, report_to=[]
+    )
+    optimizer = UsfmaeTrainer(model=model, args=args, layer_decay=0.5).create_optimizer()
+    assert sorted({group["lr"] for group in optimizer.param_groups}) == [1e-3 * 0.5**3, 1e-3 * 0.5**2, 1e-3 * 0.5, 1e-3]
+    assert optimizer.defaults["betas"] == (args.adam_beta1, args.adam_beta2)  # the Trainer's optimizer settings
+
+
+def test_reports_with_a_class_absent_from_the_split(tmp_path):
+    from usfmae_hf.finetuning.reporting import card_results, evaluate_split
+
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1, 0, 1, 0, 1])  # class "c" absent from this split
+    probabilities = rng.dirichlet(np.ones(3), size=6)
+    report = evaluate_split(
+        tmp_path,
+        "test",
+        probabilities=probabilities,
+        labels=labels,
+        ids=[f"i{k}" for k in range(6)],
+        label_names=["a", "b", "c"],
+    )
+    assert report["roc_auc_undefined_classes"] == [2] and np.isnan(report["roc_auc"])
+    assert (tmp_path / "test_roc.png").stat().st_size > 0 and (
+        tmp_path / "test_confusion_matrix.png"
+    ).stat().st_size > 0
+    rows = (tmp_path / "test_predictions.csv").read_text().splitlines()
+    assert rows[0].endswith("prob_a,prob_b,prob_c") and len(rows) == 7
+    # an undefined AUROC never reaches the model card
+    assert {entry["metric"] for entry in card_results({"test": report}, "X")} == {"f1", "accuracy", "balanced_accuracy"}
+
+
+def test_unseen_label_and_unreadable_images(tmp_path):
+    root = make_speckle_folders(tmp_path, {"train": 2, "validation": 1})
+    extra = root / "validation" / "cyst"
+    extra.mkdir()
+    (root / "train" / "benign" / "benign_0.png").replace(extra / "c.png")
+    with pytest.raises(UsfmaeError, match="cyst.*never occur in the training split"):
+        check_labels(load_labelled_images(train_dir=str(root / "train"), validation_dir=str(root / "validation")))
+    (extra / "c.png").unlink()
+    extra.rmdir()
+    (root / "train" / "benign" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    dataset = load_labelled_images(train_dir=str(root / "train"), validation_dir=str(root / "validation"))
+    with pytest.raises(UnreadableImageError, match="benign/broken.png"):
+        drop_unreadable(dataset, skip=False)
+    kept = drop_unreadable(dataset, skip=True)
+    assert len(kept["train"]) == len(dataset["train"]) - 1 and "benign/broken.png" not in kept["train"]["id"]
+
+
+def test_dataset_name_source_gets_ids_and_shared_labels(tmp_path):
+    root = make_speckle_folders(tmp_path / "set", {"train": 2, "test": 1})
+    dataset = load_labelled_images(dataset_name=str(root))
+    assert set(dataset) == {"train", "test"} and dataset["test"].features["label"].names == ["benign", "malignant"]
+    assert dataset["test"]["id"] == ["test-0", "test-1"]
+    with pytest.raises(UsfmaeError, match="exactly one data source"):
+        load_labelled_images(dataset_name=str(root), train_dir=str(root / "train"))
+
+
+def _finetune_args(model_dir: Path, data: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path",
+        str(model_dir),
+        "--train_dir",
+        str(data / "train"),
+        "--validation_dir",
+        str(data / "validation"),
+        "--test_dir",
+        str(data / "test"),
+        "--output_dir",
+        str(output),
+        "--per_device_train_batch_size",
+        "8",
+        "--per_device_eval_batch_size",
+        "8",
+        "--use_cpu",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--eval_strategy",
+        "no",
+        "--logging_steps",
+        "5",
+        "--seed",
+        "0",
+        *extra,
+    ]
+
+
+def test_finetune_beats_chance_with_mae_recipe_and_pushes(tiny_model_dir, speckle_data, tmp_path, hub_server):  # noqa: F811
+    from huggingface_hub import ModelCard
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from usfmae_hf.finetuning.run import DataArguments, ModelArguments, run_finetuning
+
+    output = tmp_path / "run"
+    args = _finetune_args(
+        tiny_model_dir,
+        speckle_data,
+        output,
+        "--recipe",
+        "mae",
+        "--blr",
+        "0.1",
+        "--max_steps",
+        "16",
+        "--push_to_hub",
+        "--hub_model_id",
+        "tester/usfmae-speckle",
+        "--hub_token",
+        "secret",
+    )
+    results = run_finetuning(
+        *HfArgumentParser((ModelArguments, DataArguments, TrainingArguments)).parse_args_into_dataclasses(args)
+    )
+    recipe = results["recipe"]
+    assert (recipe["head"], recipe["layer_decay"], recipe["mixup"], recipe["learning_rate"]) == (
+        "mean",
+        0.65,
+        0.8,
+        0.1 * 8 / 256,
+    )
+    # 12 test images, balanced: chance is 0.5; the classes differ only in echogenicity
+    assert results["test_accuracy"] >= 0.9 and results["validation_accuracy"] >= 0.9, results
+    assert results["test_roc_auc"] > 0.9
+    saved = json.loads((output / "all_results.json").read_text())
+    assert saved["test_confusion_matrix"] == results["test_confusion_matrix"]
+    for name in (
+        "test_predictions.csv",
+        "test_confusion_matrix.png",
+        "test_roc.png",
+        "validation_roc.png",
+        "modeling_usfmae.py",
+        "preprocessor_config.json",
+        "model.safetensors",
+    ):
+        assert (output / name).is_file(), name
+    assert (output / "test_predictions.csv").read_text().splitlines()[0].startswith("id,label,label_name,prediction")
+    card_values = {
+        (r.dataset_split, r.metric_type): r.metric_value for r in ModelCard.load(output / "README.md").data.eval_results
+    }
+    assert card_values[("test", "accuracy")] == pytest.approx(results["test_accuracy"], abs=1e-4)
+    # pushed once at the end: model, processor, code, card with these results; no Trainer pickle
+    remote = hub_server.files("tester/usfmae-speckle")
+    assert {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "modeling_usfmae.py",
+        "all_results.json",
+    } <= set(remote)
+    assert remote["README.md"] == (output / "README.md").read_bytes() and "training_args.bin" not in remote
+
+
+@pytest.mark.slow
+def test_two_process_cpu_trainer(tiny_model_dir, speckle_data, tmp_path):
+    output = tmp_path / "ddp"
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(REPO / "training" / "finetune_classification.py"),
+        *_finetune_args(
+            tiny_model_dir, speckle_data, output, "--head", "cls", "--max_steps", "3", "--learning_rate", "1e-3"
+        ),
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((output / "all_results.json").read_text())
+    assert results["world_size"] == 2
+    # distributed evaluation gathers every image exactly once
+    assert results["test_num_samples"] == 12 and sum(results["test_support"]) == 12
+    assert len((output / "test_predictions.csv").read_text().splitlines()) == 13

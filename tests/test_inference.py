@@ -1,0 +1,159 @@
+"""Inference API: encoder features against ViTMAEModel and timm on the same weights; reconstructions."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from usfmae_hf.errors import UsfmaeError
+from usfmae_hf.inference import extract_features, load_encoder, processor_for, reconstruct
+from usfmae_hf.preprocessing import build_image_processor
+
+
+@pytest.fixture(scope="module")
+def images() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (40 + 3 * i, 50, 3), dtype=np.uint8) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def pixel_values(images) -> torch.Tensor:
+    return build_image_processor(32)(images, return_tensors="pt")["pixel_values"]
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model_dir):
+    return load_encoder(tiny_model_dir)
+
+
+def timm_encoder(checkpoint_path):
+    """timm's VisionTransformer holding the original checkpoint's encoder (the original MAE key names)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2, qkv_bias=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_classes=0, global_pool="",
+    )
+    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    encoder_state = {k: v for k, v in state.items() if not k.startswith(("decoder", "mask_token"))}
+    model.load_state_dict(encoder_state, strict=True)
+    return model.eval()
+
+
+def test_both_converted_flavours_load_the_same_encoder(tiny_model_dir, tiny_vit_dir, pixel_values):
+    from_mae = extract_features(load_encoder(tiny_model_dir), pixel_values, pooling="patches")
+    from_vit = extract_features(load_encoder(tiny_vit_dir), pixel_values, pooling="patches")
+    torch.testing.assert_close(from_mae, from_vit, rtol=0, atol=0)
+
+
+def test_tokens_match_timm_on_the_original_weights(encoder, tiny_original_checkpoint, pixel_values):
+    with torch.no_grad():
+        reference = timm_encoder(tiny_original_checkpoint).forward_features(pixel_values)
+    torch.testing.assert_close(extract_features(encoder, pixel_values, pooling="cls"), reference[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(extract_features(encoder, pixel_values, pooling="patches"), reference[:, 1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(extract_features(encoder, pixel_values, pooling="mean"), reference[:, 1:].mean(1), rtol=1e-5, atol=1e-5)
+
+
+def test_tokens_match_unshuffled_vitmae_model(tiny_model_dir, encoder, pixel_values):
+    from transformers import ViTMAEModel
+
+    stock = ViTMAEModel.from_pretrained(tiny_model_dir, mask_ratio=0.0).eval()
+    num_patches = stock.embeddings.patch_embeddings.num_patches
+    noise = torch.arange(num_patches, dtype=torch.float32).expand(len(pixel_values), -1)
+    with torch.no_grad():
+        reference = stock(pixel_values, noise=noise).last_hidden_state
+    features = extract_features(encoder, pixel_values, pooling="patches")
+    assert features.shape == (3, num_patches, 32)
+    torch.testing.assert_close(features, reference[:, 1:], rtol=1e-5, atol=1e-5)
+
+
+def test_all_input_kinds_and_batch_sizes_agree(encoder, images, pixel_values, tmp_path):
+    reference = extract_features(encoder, pixel_values)
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(tmp_path / f"{index}.png")
+        Image.fromarray(image).save(paths[-1])
+    for batch in (images, [Image.fromarray(a) for a in images], paths, [str(p) for p in paths]):
+        for batch_size in (1, 2, 32):
+            torch.testing.assert_close(extract_features(encoder, batch, batch_size=batch_size), reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(extract_features(encoder, images[1]), reference[1:2], rtol=1e-5, atol=1e-6)
+    # identical (bit for bit) on every call
+    assert torch.equal(extract_features(encoder, images, batch_size=2), extract_features(encoder, images, batch_size=2))
+
+
+def test_dtype_and_bad_arguments(tiny_model_dir, pixel_values):
+    encoder = load_encoder(tiny_model_dir)
+    reference = extract_features(encoder, pixel_values)
+    half = extract_features(encoder, pixel_values, dtype=torch.bfloat16)
+    assert half.dtype == torch.float32 and next(encoder.parameters()).dtype == torch.bfloat16
+    torch.testing.assert_close(half, reference, rtol=0.05, atol=0.1)
+    with pytest.raises(ValueError, match="pooling"):
+        extract_features(encoder, pixel_values, pooling="max")
+    with pytest.raises(ValueError, match="pixel_values"):
+        extract_features(encoder, torch.zeros(3, 32, 32))
+
+
+def test_processor_comes_from_the_model_directory(encoder, tiny_model_dir, tmp_path):
+    assert processor_for(encoder).to_dict() == build_image_processor(32).to_dict()
+    with pytest.raises(UsfmaeError, match="config.json"):
+        load_encoder(tmp_path)
+
+
+def test_reconstruct_is_seeded_and_consistent(tiny_model_dir, images, tmp_path):
+    from transformers import ViTMAEForPreTraining
+
+    model = ViTMAEForPreTraining.from_pretrained(tiny_model_dir)
+    first = reconstruct(model, images, seed=3, output=tmp_path / "grid.png")
+    again = reconstruct(tiny_model_dir, images, seed=3)
+    other = reconstruct(model, images, seed=4)
+    assert first.original.shape == first.reconstruction.shape == (3, 32, 32, 3) and first.original.dtype == np.uint8
+    np.testing.assert_array_equal(first.reconstruction, again.reconstruction)
+    assert not np.array_equal(first.mask, other.mask)
+    assert np.allclose(first.mask.reshape(3, 4, 8, 4, 8).mean(axis=(2, 4)).mean(axis=(1, 2)), 0.75)
+    visible = ~first.mask
+    np.testing.assert_array_equal(first.pasted[visible], first.original[visible])
+    np.testing.assert_array_equal(first.masked[visible], first.original[visible])
+    np.testing.assert_array_equal(first.pasted[first.mask], first.reconstruction[first.mask])
+    assert model.config.mask_ratio == 0.75
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size[0] > grid.size[1] > 0
+    # the decoder's own output, unpatchified, is the reconstruction
+    pixel_values = build_image_processor(32)(images, return_tensors="pt")["pixel_values"]
+    noise = torch.rand(3, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model.eval()(pixel_values, noise=noise).logits
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    expected = ((model.unpatchify(logits) * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(first.reconstruction, expected)
+
+
+def test_norm_pix_loss_predictions_are_unnormalised_with_visible_statistics(tiny_model_dir, monkeypatch):
+    from transformers import ViTMAEForPreTraining
+
+    model = ViTMAEForPreTraining.from_pretrained(tiny_model_dir, norm_pix_loss=True).eval()
+    real_forward = model.forward
+
+    def perfect_forward(pixel_values, noise=None, **kwargs):
+        # A decoder that predicts every patch exactly, as norm_pix_loss targets (per-patch normalised).
+        outputs = real_forward(pixel_values, noise=noise, **kwargs)
+        target = model.patchify(pixel_values)
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        outputs.logits = (target - mean) / (var + 1e-6) ** 0.5
+        return outputs
+
+    monkeypatch.setattr(model, "forward", perfect_forward)
+    # Every patch of this image is the same 8x8 tile, so the visible patches' statistics are exact.
+    tile = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    result = reconstruct(model, np.tile(tile, (4, 4, 1)), seed=0)
+    assert np.abs(result.reconstruction.astype(int) - result.original.astype(int)).max() <= 1
+
+
+def test_reconstruct_needs_the_decoder(tiny_vit_dir, images):
+    with pytest.raises(UsfmaeError, match="decoder"):
+        reconstruct(tiny_vit_dir, images)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        reconstruct(tiny_vit_dir, images, mask_ratio=1.0)

@@ -1,0 +1,123 @@
+"""``usfmae cv``: run fine-tuning or a probe on every fold of a task and report mean, std and 95% CI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .probe import TASKS, add_output_arguments, add_probe_arguments, probe_kwargs
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "cv",
+        help="k-fold evaluation (fine-tuning or probe) with mean, std and 95%% confidence intervals",
+        description=(
+            "Run fine-tuning or a probe (--cv-method; the probe's kind is --method) on each of --folds of --task, "
+            "each fold into OUTPUT_DIR/fold_<k>, then summarise the --split metrics over folds: mean, sample std "
+            "and a Student-t 95% confidence interval of the mean "
+            "(needs scipy; otherwise the interval is reported as unavailable). Undefined fold metrics (e.g. AUROC "
+            "with a class absent from a fold) are excluded and counted, never averaged. Writes "
+            "OUTPUT_DIR/cv_results.json. With --cv-method finetune, arguments after `--` go to the fine-tuning "
+            "script (any TrainingArguments or recipe flag, e.g. -- --recipe mae --num_train_epochs 50)."
+        ),
+    )
+    parser.add_argument(
+        "--cv-method",
+        "--cv_method",
+        dest="cv_method",
+        choices=("finetune", "probe"),
+        default="probe",
+        help="finetune: training/finetune_classification.py per fold; probe: `usfmae probe` per fold (default: probe)",
+    )
+    add_probe_arguments(parser)
+    parser.add_argument("--task", choices=TASKS, required=True, help="evaluation set with official folds")
+    parser.add_argument(
+        "--data-root",
+        "--data_root",
+        dest="data_root",
+        required=True,
+        help="folder where the --task dataset was unpacked",
+    )
+    parser.add_argument(
+        "--folds", type=int, nargs="+", required=True, help="folds to run (BUS-BRA: 1 2 3 4 5; GIST514-DB: 0 1 2 3 4)"
+    )
+    parser.add_argument(
+        "--split",
+        choices=("test", "validation"),
+        default="test",
+        help="split whose metrics are summarised (default: test)",
+    )
+    parser.add_argument(
+        "--skip-unreadable",
+        "--skip_unreadable",
+        dest="skip_unreadable",
+        action="store_true",
+        help="drop undecodable images with a warning (default: stop with an error)",
+    )
+    add_output_arguments(parser, "folder for the folds and cv_results.json")
+    parser.add_argument(
+        "finetune_args", nargs=argparse.REMAINDER, help="after `--`: fine-tuning flags (--cv-method finetune)"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..atomic import atomic_write_text
+    from ..errors import UsfmaeError
+    from ..finetuning.crossval import format_summary, summarize_folds
+    from ..metrics import json_ready
+
+    extra = args.finetune_args[1:] if args.finetune_args[:1] == ["--"] else args.finetune_args
+    if extra and args.cv_method != "finetune":
+        raise UsfmaeError(f"extra arguments {extra} are only accepted with --cv-method finetune")
+    fold_results = []
+    for fold in args.folds:
+        output = args.output_dir / f"fold_{fold}"
+        print(f"== fold {fold} -> {output}")
+        fold_results.append(_run_fold(args, fold, output, extra))
+    summary = summarize_folds(fold_results, split=args.split)
+    atomic_write_text(
+        args.output_dir / "cv_results.json",
+        json.dumps(
+            json_ready({"folds": dict(zip(map(str, args.folds), fold_results, strict=True)), "summary": summary}),
+            indent=2,
+            allow_nan=False,
+        ),
+    )
+    print(format_summary(summary))
+    return 0
+
+
+def _run_fold(args: argparse.Namespace, fold: int, output: Path, extra: list[str]) -> dict:
+    data = {"task": args.task, "data_root": args.data_root, "fold": fold}
+    if args.cv_method == "probe":
+        from ..probe import run_probe
+
+        return run_probe(args.model, output, data=data, overwrite=args.overwrite, **probe_kwargs(args))
+
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from ..errors import OutputExistsError
+    from ..finetuning.run import DataArguments, ModelArguments, run_finetuning
+
+    if output.exists() and not args.overwrite:
+        raise OutputExistsError(f"{output} already exists (pass --overwrite to replace it)")
+    argv = [
+        "--model_name_or_path",
+        str(args.model),
+        "--task",
+        args.task,
+        "--data_root",
+        args.data_root,
+        "--fold",
+        str(fold),
+        "--output_dir",
+        str(output),
+        "--skip_unreadable",
+        str(args.skip_unreadable),
+        *extra,
+    ]
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    return run_finetuning(*parser.parse_args_into_dataclasses(argv))

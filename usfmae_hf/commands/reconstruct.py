@@ -1,0 +1,39 @@
+"""``usfmae reconstruct``: mask an image's patches and show the MAE reconstruction as a PNG grid."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def run_reconstruct(args: argparse.Namespace) -> int:
+    from ..errors import OutputExistsError, UnreadableImageError
+    from ..inference import reconstruct
+    from ..io import load_frames
+
+    if args.output.exists() and not args.overwrite:
+        raise OutputExistsError(f"{args.output} already exists (pass --overwrite to replace it)")
+    frame = next((f for f in load_frames(args.input) if f.index == args.frame), None)
+    if frame is None:
+        raise UnreadableImageError(f"{args.input}: has no frame {args.frame}")
+    result = reconstruct(args.model, frame.image, mask_ratio=args.mask_ratio, seed=args.seed, output=args.output)
+    print(f"masked {result.mask.mean():.0%} of the image; wrote {args.output}")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "reconstruct",
+        help="show what the MAE reconstructs from a masked image (PNG grid)",
+        description="Preprocess one frame as USF-MAE does, hide a random MASK_RATIO of its patches (seeded), "
+        "and write a PNG with the original, the masked input, the reconstruction, and the reconstruction "
+        "with the visible patches pasted back.",
+    )
+    parser.add_argument("input", type=Path, help="image, DICOM, volume or video file")
+    parser.add_argument("--model", "-m", type=Path, required=True, help="converted vitmae model directory (with decoder)")
+    parser.add_argument("--output", "-o", type=Path, required=True, help="PNG file to write")
+    parser.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches to hide (default: 0.75)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random mask (default: 0)")
+    parser.add_argument("--frame", type=int, default=0, help="frame or slice index in a multi-frame file (default: 0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.set_defaults(func=run_reconstruct)

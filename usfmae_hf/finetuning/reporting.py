@@ -1,0 +1,143 @@
+"""Evaluation outputs shared by fine-tuning and probing: metrics, predictions CSV, confusion-matrix and ROC plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..atomic import atomic_write_bytes, atomic_write_text
+from ..metrics import classification_report, json_ready
+
+RESULTS_FILE = "all_results.json"
+# Metrics that go to the model card's model-index: (report key, Hub metric type, display name)
+CARD_METRICS = (
+    ("f1_macro", "f1", "Macro F1"),
+    ("accuracy", "accuracy", "Accuracy"),
+    ("balanced_accuracy", "balanced_accuracy", "Balanced accuracy"),
+    ("roc_auc", "roc_auc", "AUROC"),
+)
+
+
+def evaluate_split(
+    output_dir: str | os.PathLike,
+    split: str,
+    *,
+    probabilities: np.ndarray,
+    labels: Sequence[int],
+    ids: Sequence[str],
+    label_names: Sequence[str],
+) -> dict[str, Any]:
+    """Score one split and write ``{split}_predictions.csv``, ``{split}_confusion_matrix.png``, ``{split}_roc.png``.
+
+    Returns the full metric report (see :mod:`usfmae_hf.metrics`).
+    """
+    output_dir = Path(output_dir)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels)
+    report = classification_report(probabilities, labels)
+    atomic_write_text(
+        output_dir / f"{split}_predictions.csv", _predictions_csv(probabilities, labels, ids, label_names)
+    )
+    atomic_write_bytes(output_dir / f"{split}_confusion_matrix.png", _confusion_png(report, label_names, split))
+    atomic_write_bytes(output_dir / f"{split}_roc.png", _roc_png(probabilities, labels, label_names, report, split))
+    return report
+
+
+def flatten_results(split: str, report: Mapping[str, Any]) -> dict[str, Any]:
+    """``{split}_{metric}`` keys, as in the Trainer's ``all_results.json``."""
+    return {f"{split}_{name}": value for name, value in report.items()}
+
+
+def write_results(output_dir: str | os.PathLike, results: Mapping[str, Any]) -> Path:
+    """Write ``all_results.json`` (undefined metrics as ``null``, never a bare NaN)."""
+    path = Path(output_dir) / RESULTS_FILE
+    atomic_write_text(path, json.dumps(json_ready(dict(results)), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    return path
+
+
+def card_results(reports: Mapping[str, Mapping[str, Any]], dataset: str) -> list[dict[str, Any]]:
+    """Model-card ``results`` (for ``usfmae_hf.cards.render_model_card``) from split reports; undefined ones skipped."""
+    results = []
+    for split, report in reports.items():
+        for key, metric, display in CARD_METRICS:
+            value = report.get(key)
+            if value is not None and not np.isnan(value):
+                results.append(
+                    {
+                        "task": "image-classification",
+                        "dataset": dataset,
+                        "split": split,
+                        "metric": metric,
+                        "metric_name": display,
+                        "value": round(float(value), 4),
+                    }
+                )
+    return results
+
+
+def _predictions_csv(
+    probabilities: np.ndarray, labels: np.ndarray, ids: Sequence[str], label_names: Sequence[str]
+) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(
+        ["id", "label", "label_name", "prediction", "prediction_name", *[f"prob_{name}" for name in label_names]]
+    )
+    for image_id, label, row in zip(ids, labels, probabilities, strict=True):
+        prediction = int(row.argmax())
+        writer.writerow(
+            [image_id, int(label), label_names[label], prediction, label_names[prediction], *[f"{p:.6g}" for p in row]]
+        )
+    return buffer.getvalue()
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _confusion_png(report: Mapping[str, Any], label_names: Sequence[str], split: str) -> bytes:
+    from matplotlib.figure import Figure
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    size = max(4.0, 0.6 * len(label_names) + 2)
+    figure = Figure(figsize=(size, size))
+    axes = figure.add_subplot()
+    ConfusionMatrixDisplay(np.asarray(report["confusion_matrix"]), display_labels=list(label_names)).plot(
+        ax=axes, colorbar=False, xticks_rotation=45
+    )
+    axes.set_title(f"{split}: accuracy {report['accuracy']:.3f}, macro F1 {report['f1_macro']:.3f}")
+    return _png(figure)
+
+
+def _roc_png(
+    probabilities: np.ndarray, labels: np.ndarray, label_names: Sequence[str], report: Mapping[str, Any], split: str
+) -> bytes:
+    """One-vs-rest ROC curve per class (only the positive class for two classes); undefined classes omitted."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import RocCurveDisplay
+
+    figure = Figure(figsize=(5, 5))
+    axes = figure.add_subplot()
+    classes = [1] if len(label_names) == 2 else range(len(label_names))
+    for index in classes:
+        if index in report["roc_auc_undefined_classes"]:
+            continue
+        RocCurveDisplay.from_predictions(
+            labels == index,
+            probabilities[:, index],
+            name=str(label_names[index]),
+            ax=axes,
+            plot_chance_level=index == classes[-1],
+        )
+    undefined = [label_names[i] for i in report["roc_auc_undefined_classes"]]
+    axes.set_title(f"{split} ROC" + (f" (undefined: {', '.join(undefined)})" if undefined else ""))
+    return _png(figure)

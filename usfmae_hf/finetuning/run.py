@@ -1,0 +1,313 @@
+"""Fine-tune a USF-MAE classifier with the Trainer, evaluate every split, write reports, optionally push.
+
+``training/finetune_classification.py`` parses :class:`ModelArguments`, :class:`DataArguments` and
+``TrainingArguments`` with ``HfArgumentParser`` and calls :func:`run_finetuning`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainingArguments
+
+from ..errors import UsfmaeError
+from .data import EVAL_SPLITS, check_labels, drop_unreadable, load_labelled_images, task_display_name, with_transforms
+from .heads import HEADS, build_classifier
+from .recipe import (
+    MAE_PRESET,
+    ClassificationCollator,
+    ClassificationLoss,
+    UsfmaeTrainer,
+    balanced_class_weights,
+    scaled_learning_rate,
+)
+from .reporting import card_results, evaluate_split, flatten_results, write_results
+
+logger = logging.getLogger(__name__)
+
+RECIPES = ("none", "mae")
+AUGMENTS = ("usfmae", "mae", "none")
+
+
+@dataclass
+class ModelArguments:
+    """Model and recipe options (``None`` means: the ``--recipe`` preset's value, else off)."""
+
+    model_name_or_path: str = field(
+        metadata={"help": "Converted USF-MAE directory (vit_mae or vit format, see `usfmae convert`)."}
+    )
+    head: str | None = field(
+        default=None,
+        metadata={
+            "help": "cls: stock ViTForImageClassification on the CLS token; mean: MAE recipe (mean of patch "
+            "tokens -> fc_norm -> linear, saved with its code). Default: cls, or the preset's.",
+            "choices": list(HEADS),
+        },
+    )
+    recipe: str = field(
+        default="none",
+        metadata={
+            "help": "Preset filling every option left unset: 'mae' = original MAE fine-tuning (mean head, "
+            "blr 5e-4, layer decay 0.65, drop-path 0.1, label smoothing 0.1, mixup 0.8, cutmix 1.0, weight decay "
+            "0.05, warmup over 0.05 of the steps).",
+            "choices": list(RECIPES),
+        },
+    )
+    augment: str = field(
+        default="usfmae",
+        metadata={
+            "help": "Training augmentation: usfmae (resize, rotation 0-90, flips, RandomResizedCrop 0.5-2.0), "
+            "mae (RandomResizedCrop 0.2-1 bicubic + flip) or none.",
+            "choices": list(AUGMENTS),
+        },
+    )
+    blr: float | None = field(
+        default=None,
+        metadata={
+            "help": "Base learning rate: sets learning_rate = blr * effective batch / 256 (overrides --learning_rate)."
+        },
+    )
+    layer_decay: float | None = field(
+        default=None,
+        metadata={"help": "Layer-wise lr decay factor (1 = off); block i gets lr * decay**(depth_max - i)."},
+    )
+    drop_path: float | None = field(
+        default=None, metadata={"help": "Maximum stochastic-depth rate (mean head only), linear over blocks."}
+    )
+    label_smoothing: float | None = field(
+        default=None, metadata={"help": "Label smoothing of the cross-entropy (same as --label_smoothing_factor)."}
+    )
+    mixup: float | None = field(default=None, metadata={"help": "MixUp alpha for training batches (0 = off)."})
+    cutmix: float | None = field(
+        default=None,
+        metadata={"help": "CutMix alpha for training batches (0 = off); with mixup, one is drawn per batch."},
+    )
+    class_weighted_loss: bool = field(
+        default=False,
+        metadata={"help": "Weight the cross-entropy by n / (n_classes * class count) of the training split."},
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the labelled images come from (exactly one of train_dir, dataset_name, task)."""
+
+    train_dir: str | None = field(
+        default=None, metadata={"help": "Class-per-folder training images (<dir>/<class>/<image>)."}
+    )
+    validation_dir: str | None = field(default=None, metadata={"help": "Class-per-folder validation images."})
+    test_dir: str | None = field(default=None, metadata={"help": "Class-per-folder test images."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A `datasets` dataset (local path or cached Hub id) with train and optional validation/test splits."
+        },
+    )
+    image_column: str = field(default="image", metadata={"help": "Image column of --dataset_name."})
+    label_column: str = field(default="label", metadata={"help": "ClassLabel column of --dataset_name."})
+    task: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out USF-MAE evaluation set read by its adapter.",
+            "choices": ["busbra", "mmotu2d", "gist514"],
+        },
+    )
+    data_root: str | None = field(default=None, metadata={"help": "Folder where the --task dataset was unpacked."})
+    fold: int | None = field(
+        default=None, metadata={"help": "Cross-validation fold of --task (BUS-BRA 1..5, GIST514-DB 0..4)."}
+    )
+    skip_unreadable: bool = field(
+        default=False, metadata={"help": "Drop undecodable images with a warning instead of stopping with an error."}
+    )
+    card_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dataset name in the model card's results (default: the task's name, --dataset_name, or "
+            "the folder holding --train_dir)."
+        },
+    )
+
+    def source(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~usfmae_hf.finetuning.data.load_labelled_images`."""
+        return {
+            key: value for key, value in asdict(self).items() if key not in ("skip_unreadable", "card_dataset_name")
+        }
+
+
+def resolve_recipe(model_args: ModelArguments, training_args: TrainingArguments) -> dict[str, Any]:
+    """Fill unset options from the preset; return the effective recipe (also applied to ``training_args``)."""
+    preset = MAE_PRESET if model_args.recipe == "mae" else {}
+    options = {
+        name: value if value is not None else preset.get(name, default)
+        for name, default in (
+            ("head", "cls"),
+            ("blr", None),
+            ("layer_decay", 1.0),
+            ("drop_path", 0.0),
+            ("label_smoothing", 0.0),
+            ("mixup", 0.0),
+            ("cutmix", 0.0),
+        )
+        for value in [getattr(model_args, name)]
+    }
+    if training_args.label_smoothing_factor:
+        if (
+            model_args.label_smoothing is not None
+            and model_args.label_smoothing != training_args.label_smoothing_factor
+        ):
+            raise UsfmaeError("--label_smoothing and --label_smoothing_factor disagree; give one")
+        options["label_smoothing"] = training_args.label_smoothing_factor
+    # TrainingArguments have no "unset" state: the preset applies where they keep their defaults.
+    if preset and training_args.weight_decay == 0.0:
+        training_args.weight_decay = preset["weight_decay"]
+    if preset and training_args.warmup_steps == 0:
+        training_args.warmup_steps = preset["warmup_ratio"]
+    if options["blr"] is not None:
+        training_args.learning_rate = scaled_learning_rate(options["blr"], training_args)
+    options.update(
+        augment=model_args.augment,
+        learning_rate=training_args.learning_rate,
+        weight_decay=training_args.weight_decay,
+        class_weighted_loss=model_args.class_weighted_loss,
+    )
+    return options
+
+
+def run_finetuning(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> dict[str, Any]:
+    """Train, then evaluate on validation and test (whatever ``eval_strategy`` says) and write the outputs.
+
+    Writes into ``training_args.output_dir``: the model (+ processor and, for the mean head, its code),
+    ``all_results.json``, ``{split}_predictions.csv``, ``{split}_confusion_matrix.png``,
+    ``{split}_roc.png`` and a model card whose ``model-index`` holds these results. With
+    ``--push_to_hub`` the directory is uploaded once at the end (not at every checkpoint).
+    Returns the flat results dict.
+    """
+    from transformers import set_seed
+
+    from ..metrics import compute_metrics, softmax
+    from ..preprocessing import build_image_processor
+
+    set_seed(training_args.seed)
+    recipe = resolve_recipe(model_args, training_args)
+    dataset = drop_unreadable(load_labelled_images(**data_args.source()), skip=data_args.skip_unreadable)
+    label_names = check_labels(dataset)
+    if training_args.eval_strategy != "no" and "validation" not in dataset:
+        raise UsfmaeError(
+            f"--eval_strategy {training_args.eval_strategy} needs a validation split (e.g. --validation_dir)"
+        )
+    model = build_classifier(
+        model_args.model_name_or_path, label_names, head=recipe["head"], drop_path_rate=recipe["drop_path"]
+    )
+    image_size = model.config.image_size
+    processed = with_transforms(
+        dataset, image_size=image_size, augment=None if recipe["augment"] == "none" else recipe["augment"]
+    )
+
+    push, training_args.push_to_hub = training_args.push_to_hub, False
+    training_args.remove_unused_columns = False  # the transforms read the raw "image" column
+    class_weights = (
+        balanced_class_weights(dataset["train"]["label"], len(label_names)) if recipe["class_weighted_loss"] else None
+    )
+    trainer = UsfmaeTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=processed["train"],
+        eval_dataset=processed.get("validation"),
+        data_collator=ClassificationCollator(len(label_names), mixup=recipe["mixup"], cutmix=recipe["cutmix"]),
+        processing_class=build_image_processor(image_size),
+        compute_metrics=compute_metrics,
+        compute_loss_func=ClassificationLoss(label_smoothing=recipe["label_smoothing"], class_weights=class_weights),
+        layer_decay=recipe["layer_decay"],
+    )
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    trainer.save_state()
+
+    results = dict(train_result.metrics)
+    reports = {}
+    for split in EVAL_SPLITS:
+        if split in processed:
+            # predict() is collective under torchrun: every rank runs it, rank 0 writes.
+            output = trainer.predict(processed[split], metric_key_prefix=split)
+            if trainer.is_world_process_zero():
+                reports[split] = evaluate_split(
+                    training_args.output_dir,
+                    split,
+                    probabilities=softmax(output.predictions),
+                    labels=output.label_ids,
+                    ids=dataset[split]["id"],
+                    label_names=label_names,
+                )
+                results.update(flatten_results(split, reports[split]))
+    if trainer.is_world_process_zero():
+        results.update(recipe=recipe, world_size=training_args.world_size)
+        write_results(training_args.output_dir, results)
+        _write_card(trainer, model_args, recipe, card_results(reports, _dataset_label(data_args)), training_args)
+        if push:
+            _push(training_args)
+    return results
+
+
+def _dataset_label(data_args: DataArguments) -> str:
+    if data_args.card_dataset_name:
+        return data_args.card_dataset_name
+    if data_args.task:
+        return task_display_name(data_args.task)
+    return data_args.dataset_name or Path(data_args.train_dir).resolve().parent.name
+
+
+def _write_card(
+    trainer,
+    model_args: ModelArguments,
+    recipe: dict[str, Any],
+    results: list[dict[str, Any]],
+    training_args: TrainingArguments,
+) -> None:
+    from ..cards import render_model_card
+
+    hyperparameters = {key: value for key, value in recipe.items() if value is not None}
+    hyperparameters.update(
+        epochs=training_args.num_train_epochs,
+        max_steps=training_args.max_steps,
+        per_device_train_batch_size=training_args.per_device_train_batch_size,
+        seed=training_args.seed,
+    )
+    card = render_model_card(
+        "classifier",
+        config=trainer.model.config,
+        base_model=model_args.model_name_or_path if not Path(model_args.model_name_or_path).exists() else None,
+        results=results,
+        repo_id=training_args.hub_model_id,
+        extra={
+            "training": hyperparameters,
+            "evaluation_notes": "Metrics computed after training on each split with the packaged "
+            "`ultrasound_classification` metric (scikit-learn).",
+        },
+    )
+    card.save(Path(training_args.output_dir) / "README.md")
+
+
+def _push(training_args: TrainingArguments) -> None:
+    """Upload the output directory's top-level files except Trainer pickles (``training_args.bin``) and checkpoints."""
+    import shutil
+    import tempfile
+
+    from ..hub import push_model_dir
+
+    if not training_args.hub_model_id:
+        raise UsfmaeError("--push_to_hub needs --hub_model_id")
+    with tempfile.TemporaryDirectory() as staging:
+        for path in Path(training_args.output_dir).iterdir():
+            if path.is_file() and path.suffix != ".bin":
+                shutil.copy2(path, staging)
+        push_model_dir(
+            staging,
+            training_args.hub_model_id,
+            private=bool(training_args.hub_private_repo),
+            token=training_args.hub_token,
+        )

@@ -1,0 +1,160 @@
+"""Readers that turn ultrasound files into RGB uint8 frames.
+
+One entry point, :func:`load_frames`, covers still images (PNG/JPEG/BMP/TIFF), DICOM (single frames
+and cine loops), 3-D volumes (NIfTI, MHA/MHD, NRRD; as 2-D slices) and videos (AVI/MP4). Every
+reader yields :class:`Frame` objects holding an ``(H, W, 3)`` uint8 RGB array, so everything
+downstream (preprocessing, feature extraction, dataset building) sees one image type.
+
+Corrupt or unsupported files raise :class:`~usfmae_hf.errors.UnreadableImageError` with the path and
+the reason, so that batch jobs can report and skip them.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UnreadableImageError, UsfmaeError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+VOLUME_SUFFIXES = frozenset({".nii", ".nii.gz", ".mha", ".mhd", ".nrrd"})
+VIDEO_SUFFIXES = frozenset({".avi", ".mp4", ".mov", ".mkv"})
+SUPPORTED_SUFFIXES: frozenset[str] = IMAGE_SUFFIXES | DICOM_SUFFIXES | VOLUME_SUFFIXES | VIDEO_SUFFIXES
+
+__all__ = ["Frame", "SUPPORTED_SUFFIXES", "expand_inputs", "file_suffix", "is_dicom_file", "load_frames", "load_image"]
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One 2-D picture taken from a file.
+
+    Attributes:
+        image: ``(H, W, 3)`` uint8 RGB array.
+        index: frame (cine, video) or slice (volume) index within the file; 0 for still images.
+        metadata: reader-specific facts (``format``, ``num_frames``, DICOM ``photometric_interpretation``,
+            volume ``axis``/``spacing``, video ``fps``/``time`` ...), plain JSON-able values.
+    """
+
+    image: np.ndarray
+    index: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def file_suffix(path: str | os.PathLike) -> str:
+    """Lower-case suffix of ``path``, with ``.nii.gz`` recognised as one suffix."""
+    name = Path(path).name.lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return Path(name).suffix
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts with a DICOM Part 10 preamble (128 bytes, then ``DICM``)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def load_frames(
+    path: str | os.PathLike, *, frame_stride: int = 1, slice_stride: int = 1, axis: int = 0
+) -> Iterator[Frame]:
+    """Yield the frames of an image, DICOM, volume or video file as RGB uint8 :class:`Frame` objects.
+
+    Args:
+        path: the file. The reader is chosen by suffix; files with another suffix (or none) are read
+            as DICOM when they carry the ``DICM`` preamble.
+        frame_stride: keep every n-th frame of DICOM cines and videos.
+        slice_stride: keep every n-th slice of 3-D volumes.
+        axis: volume axis (in the file's array order, 0-2) along which slices are taken.
+
+    Raises:
+        UnreadableImageError: the file is missing, corrupt, of an unsupported type, or needs an
+            optional dependency that is not installed (the message names the pip extra).
+    """
+    if frame_stride < 1 or slice_stride < 1:
+        raise ValueError("frame_stride and slice_stride must be >= 1")
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableImageError(f"{path}: no such file")
+    suffix = file_suffix(path)
+    if suffix in IMAGE_SUFFIXES:
+        from .images import read_image_frames
+
+        return read_image_frames(path)
+    if suffix in DICOM_SUFFIXES or (suffix not in SUPPORTED_SUFFIXES and is_dicom_file(path)):
+        from .dicom import read_dicom_frames
+
+        return read_dicom_frames(path, frame_stride=frame_stride)
+    if suffix in VOLUME_SUFFIXES:
+        from .volumes import read_volume_frames
+
+        return read_volume_frames(path, slice_stride=slice_stride, axis=axis)
+    if suffix in VIDEO_SUFFIXES:
+        from .video import read_video_frames
+
+        return read_video_frames(path, frame_stride=frame_stride)
+    raise UnreadableImageError(f"{path}: unsupported file type {suffix or '(no suffix)'!r}")
+
+
+def load_image(path: str | os.PathLike):
+    """Return the first frame of ``path`` as an RGB ``PIL.Image.Image``."""
+    from PIL import Image
+
+    frames = load_frames(path)
+    try:
+        first = next(iter(frames))
+    except StopIteration:
+        raise UnreadableImageError(f"{path}: contains no frames") from None
+    finally:
+        close = getattr(frames, "close", None)
+        if close is not None:
+            close()
+    return Image.fromarray(first.image, mode="RGB")
+
+
+def _is_supported(path: Path) -> bool:
+    return file_suffix(path) in SUPPORTED_SUFFIXES or is_dicom_file(path)
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand files, folders (recursively) and glob patterns into a sorted list of unique files.
+
+    Folders and glob matches keep only supported files (by suffix, or DICOM by the ``DICM`` preamble
+    for files without a known suffix) and skip hidden names such as macOS ``._*`` files. A file named
+    explicitly is kept whatever its type, so that an unsupported one is reported by
+    :func:`load_frames` rather than silently dropped.
+
+    Raises:
+        UsfmaeError: an input is neither a file, a folder, nor a glob matching anything.
+    """
+    found: set[Path] = set()
+    for item in inputs:
+        item_path = Path(item)
+        if item_path.is_file():
+            found.add(item_path)
+            continue
+        if item_path.is_dir():
+            candidates = (p for p in item_path.rglob("*") if p.is_file())
+        else:
+            matches = glob.glob(str(item), recursive=True)
+            if not matches:
+                raise UsfmaeError(f"{item}: no such file, folder, or matching glob")
+            candidates = (
+                p
+                for match in matches
+                for p in ([Path(match)] if Path(match).is_file() else Path(match).rglob("*"))
+                if p.is_file()
+            )
+        found.update(
+            p for p in candidates if not p.name.startswith(".") and _is_supported(p)
+        )
+    return sorted(found)

@@ -1,0 +1,199 @@
+"""Training data for MAE pretraining: sources, per-sample seeding, bad-image skipping, collation.
+
+Each sample's augmentation parameters and masking noise are drawn from its own generator seeded by
+``(seed, epoch, sample index)``. A sample therefore looks the same whichever process, DataLoader
+worker or resumed run produces it, which is what makes a 2-process run step-for-step equal to a
+1-process run with the same global batch, and a resumed run equal to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from ..errors import UsfmaeError
+
+logger = logging.getLogger(__name__)
+
+# A run of this many unreadable samples in a row means the data, not a file, is broken.
+MAX_CONSECUTIVE_BAD = 100
+
+
+def sample_generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of non-negative ints (well mixed by numpy's SeedSequence)."""
+    seed = int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def decode_image(value: Any) -> Any:
+    """Decode one stored image: ``{"bytes", "path"}`` (datasets ``Image(decode=False)``), a path, PIL or array.
+
+    Raises whatever the decoder raises for a corrupt image; callers count and skip it.
+    """
+    from PIL import Image
+
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            image = Image.open(io.BytesIO(value["bytes"]))
+            image.load()
+            return image
+        value = value.get("path")
+    if isinstance(value, (str, os.PathLike)):
+        from ..io import load_image
+
+        return load_image(value)
+    if value is None:
+        raise UsfmaeError("empty image value")
+    return value
+
+
+@dataclass
+class SampleMaker:
+    """Turn a stored image into a training sample with its own augmentation and masking randomness."""
+
+    transform: Callable[[Any], torch.Tensor]
+    num_patches: int
+    seed: int
+
+    def __call__(self, value: Any, *key: int) -> dict[str, Any]:
+        generator = sample_generator(self.seed, *key)
+        noise = torch.rand(self.num_patches, generator=generator)
+        augment_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        image = decode_image(value)
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(augment_seed)
+            pixel_values = self.transform(image).as_subclass(torch.Tensor)
+        return {"pixel_values": pixel_values, "noise": noise, "augment_seed": augment_seed}
+
+
+class MapStyleImages(Dataset):
+    """Map-style training samples; an unreadable sample is replaced by the next readable one and counted."""
+
+    def __init__(self, source: Sequence[Any], make_sample: SampleMaker, column: str | None) -> None:
+        self.source, self.make_sample, self.column = source, make_sample, column
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        for attempt in range(MAX_CONSECUTIVE_BAD):
+            position = (index + attempt) % len(self.source)
+            item = self.source[position]
+            try:
+                sample = self.make_sample(item[self.column] if self.column else item, self.epoch, position)
+            except Exception as error:  # any decoder failure means "bad image": skip it, count it
+                logger.warning("skipping unreadable sample %d: %s", position, error)
+                continue
+            return {**sample, "num_bad": attempt}
+        raise UsfmaeError(f"{MAX_CONSECUTIVE_BAD} unreadable samples in a row from index {index}; is the data broken?")
+
+
+class StreamingImages(IterableDataset):
+    """Streamed training samples from a (node-sharded, shuffled) ``datasets.IterableDataset``."""
+
+    def __init__(self, source: Any, make_sample: SampleMaker, column: str, rank: int) -> None:
+        self.source, self.make_sample, self.column, self.rank = source, make_sample, column, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.source.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = get_worker_info()
+        worker_id = worker.id if worker is not None else 0
+        bad = 0
+        for count, item in enumerate(self.source):
+            try:
+                sample = self.make_sample(item[self.column], self.epoch, self.rank, worker_id, count)
+            except Exception as error:  # any decoder failure means "bad image": skip it, count it
+                logger.warning("skipping unreadable streamed sample: %s", error)
+                bad += 1
+                if bad >= MAX_CONSECUTIVE_BAD:
+                    raise UsfmaeError(f"{MAX_CONSECUTIVE_BAD} unreadable samples in a row; is the data broken?") from None
+                continue
+            yield {**sample, "num_bad": bad}
+            bad = 0
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack samples; ``num_bad`` becomes the number of unreadable samples skipped for this batch."""
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "noise": torch.stack([s["noise"] for s in samples]),
+        "augment_seed": torch.tensor([s["augment_seed"] for s in samples], dtype=torch.int64),
+        "num_bad": torch.tensor(sum(s["num_bad"] for s in samples), dtype=torch.int64),
+    }
+
+
+def load_source(
+    *,
+    dataset_dir: str | None,
+    train_dir: str | None,
+    dataset_name: str | None,
+    dataset_config_name: str | None = None,
+    split: str = "train",
+    image_column: str = "image",
+    streaming: bool = False,
+) -> tuple[Any, str | None]:
+    """Open the training images; return ``(source, column)`` where ``column`` is None for a list of paths.
+
+    Image columns are read undecoded (``Image(decode=False)``) so that a corrupt image is caught per
+    sample instead of failing the whole batch.
+    """
+    if train_dir is not None:
+        from ..io import expand_inputs
+
+        if not Path(train_dir).is_dir():
+            raise UsfmaeError(f"{train_dir}: not a folder")
+        paths = [str(path) for path in expand_inputs([train_dir])]
+        if not paths:
+            raise UsfmaeError(f"{train_dir}: no supported image files")
+        return paths, None
+
+    import datasets
+
+    if dataset_dir is not None:
+        directory = Path(dataset_dir)
+        if not directory.is_dir():
+            raise UsfmaeError(f"{dataset_dir}: not a folder")
+        if (directory / "dataset_dict.json").is_file() or (directory / "state.json").is_file():
+            dataset = datasets.load_from_disk(str(directory))
+            dataset = dataset[split] if isinstance(dataset, datasets.DatasetDict) else dataset
+            dataset = dataset.to_iterable_dataset() if streaming else dataset
+        else:
+            dataset = datasets.load_dataset(str(directory), split=split, streaming=streaming)
+    else:
+        dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming)
+    features = dataset.features
+    if features is not None and image_column not in features:
+        raise UsfmaeError(f"no image column {image_column!r}; columns are {', '.join(features)} (use --image_column)")
+    if features is not None and isinstance(features[image_column], datasets.Image):
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    return dataset.select_columns([image_column]), image_column
+
+
+def first_images(source: Any, column: str | None, count: int) -> list[Any]:
+    """The first ``count`` decodable images of a source (unshuffled), for fixed reconstruction grids."""
+    images = []
+    for item in source:
+        if len(images) == count:
+            break
+        try:
+            images.append(decode_image(item[column] if column else item))
+        except Exception:  # unreadable images are simply not shown
+            continue
+    return images

@@ -1,0 +1,152 @@
+"""Model, optimizer and learning-rate schedule for MAE pretraining.
+
+A model either continues from a converted directory or starts from a config. A ``ViTMAEForPreTraining``
+built from a config starts with all-zero position embeddings and tokens (transformers skips the
+sin-cos init, NOTES section 2), so :func:`initialize_like_mae` re-initialises every weight the way
+Meta's MAE code does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+from ..errors import UsfmaeError
+
+
+def mae_sincos_position_table(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos table, ``(1 + grid_size**2, embed_dim)`` float64, zero row for CLS.
+
+    As in MAE's ``get_2d_sincos_pos_embed``, the first half of the channels encodes the column and
+    the second half the row, each as ``[sin | cos]`` of ``position / 10000**(2i / (embed_dim / 2))``.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {embed_dim}")
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid_size, dtype=torch.float64), torch.arange(grid_size, dtype=torch.float64), indexing="ij")
+    halves = []
+    for coords in (cols.reshape(-1), rows.reshape(-1)):
+        angles = coords[:, None] * omega[None, :]
+        halves += [angles.sin(), angles.cos()]
+    table = torch.cat(halves, dim=1)
+    return torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), table], dim=0)
+
+
+@torch.no_grad()
+def initialize_like_mae(model: ViTMAEForPreTraining) -> None:
+    """Initialise every weight of ``model`` as MAE's ``initialize_weights`` does.
+
+    Sin-cos position embeddings (encoder and decoder), ``normal(0.02)`` CLS and mask tokens, Xavier
+    uniform for linear layers and the flattened patch projection, zero biases, unit LayerNorms. The
+    separate q/k/v projections are drawn with the bound of MAE's fused ``qkv`` matrix.
+    """
+    config = model.config
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    for module in model.modules():  # after the loop above, which also visits the q/k/v layers
+        if all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj")):
+            fused = torch.cat([module.q_proj.weight, module.k_proj.weight, module.v_proj.weight])
+            nn.init.xavier_uniform_(fused)
+            for part, projection in zip(fused.chunk(3), (module.q_proj, module.k_proj, module.v_proj)):
+                projection.weight.copy_(part)
+    embeddings = model.vit.embeddings
+    projection = embeddings.patch_embeddings.projection
+    nn.init.xavier_uniform_(projection.weight.view(projection.weight.shape[0], -1))
+    nn.init.zeros_(projection.bias)
+    grid_size = config.image_size // config.patch_size
+    embeddings.position_embeddings.copy_(mae_sincos_position_table(config.hidden_size, grid_size)[None])
+    model.decoder.decoder_pos_embed.copy_(mae_sincos_position_table(config.decoder_hidden_size, grid_size)[None])
+    nn.init.normal_(embeddings.cls_token, std=config.initializer_range)
+    nn.init.normal_(model.decoder.mask_token, std=config.initializer_range)
+
+
+def build_model(
+    *,
+    model_name_or_path: str | os.PathLike | None,
+    config_name: str | os.PathLike | None,
+    mask_ratio: float | None = None,
+    norm_pix_loss: bool | None = None,
+) -> ViTMAEForPreTraining:
+    """Continue from a converted model directory, or build a fresh MAE from a config file or folder.
+
+    ``mask_ratio`` and ``norm_pix_loss``, when given, override the config and are recorded in it.
+    """
+    if (model_name_or_path is None) == (config_name is None):
+        raise UsfmaeError("give exactly one of --model_name_or_path (continue) or --config_name (from scratch)")
+    overrides = {}
+    if mask_ratio is not None:
+        if not 0.0 < mask_ratio < 1.0:
+            raise UsfmaeError(f"--mask_ratio must be in (0, 1), got {mask_ratio}")
+        overrides["mask_ratio"] = float(mask_ratio)
+    if norm_pix_loss is not None:
+        overrides["norm_pix_loss"] = bool(norm_pix_loss)
+    if model_name_or_path is not None:
+        config = ViTMAEConfig.from_pretrained(model_name_or_path, **overrides)
+        if "decoder" not in _weight_names(model_name_or_path):
+            raise UsfmaeError(f"{model_name_or_path}: has no decoder weights; pretraining needs a full ViTMAE model")
+        return ViTMAEForPreTraining.from_pretrained(model_name_or_path, config=config)
+    path = Path(config_name)
+    if not path.exists():
+        raise UsfmaeError(f"{path}: no such config file or folder")
+    config = ViTMAEConfig.from_pretrained(path) if path.is_dir() else ViTMAEConfig.from_json_file(path)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config.architectures = ["ViTMAEForPreTraining"]
+    model = ViTMAEForPreTraining(config)
+    initialize_like_mae(model)
+    return model
+
+
+def _weight_names(model_dir: str | os.PathLike) -> str:
+    """All weight names of a model directory joined in one string (for a cheap "decoder" check)."""
+    from safetensors import safe_open
+
+    weights = Path(model_dir) / "model.safetensors"
+    if not weights.is_file():
+        raise UsfmaeError(f"{model_dir}: no model.safetensors (is this a converted model directory?)")
+    with safe_open(weights, framework="pt") as handle:
+        return " ".join(handle.keys())
+
+
+def is_no_decay(name: str, parameter: nn.Parameter) -> bool:
+    """Biases, norm weights (all 1-D tensors), position embeddings and CLS/mask tokens get no decay."""
+    return parameter.ndim <= 1 or name.endswith(("cls_token", "mask_token", "position_embeddings", "decoder_pos_embed"))
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: ``weight_decay`` on weight matrices only (frozen parameters left out)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if is_no_decay(name, parameter) else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def scaled_learning_rate(base_learning_rate: float, effective_batch_size: int) -> float:
+    """MAE's linear scaling rule: ``lr = blr * effective_batch_size / 256``."""
+    return base_learning_rate * effective_batch_size / 256
+
+
+def learning_rate_at(step: int, *, peak: float, minimum: float, warmup_steps: int, total_steps: int) -> float:
+    """Per-iteration schedule: linear warmup from 0 to ``peak`` over ``warmup_steps``, then cosine to ``minimum``.
+
+    ``step`` counts optimizer steps already taken (0 for the first update), as MAE's per-iteration
+    ``adjust_learning_rate`` does with fractional epochs.
+    """
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / decay_steps, 1.0)
+    return minimum + (peak - minimum) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,282 @@
+"""``usfmae quickstart``: the whole USF-MAE lifecycle on real ultrasound scans, in minutes on a CPU.
+
+The real ultrasound DICOMs that ``pydicom-data`` ships (GE, Philips, ALOKA, SonoSite; stills and
+a 120-frame cine) go through every stage the package offers, each run exactly as the command that
+the report prints:
+
+1. ingest them into a Parquet Hugging Face dataset (``usfmae ingest``);
+2. write a small MAE in USF-MAE's original checkpoint layout and convert it, verified
+   (``usfmae convert``) - the released USF-MAE weights cannot be downloaded here, so a small
+   randomly initialised model of the same structure stands in for them;
+3. continue pretraining it with the Accelerate loop (``training/pretrain_mae.py``);
+4. load the result with ``AutoModel`` / ``AutoImageProcessor``;
+5. extract features (``usfmae features``) and draw a reconstruction (``usfmae reconstruct``);
+6. fine-tune a classifier with the Trainer (``training/finetune_classification.py``) on a small
+   labelled task built from the same real frames (probe orientation: upright vs flipped fan);
+7. write ``REPORT.md`` with the figures, metrics and the commands for the real checkpoints/datasets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UsfmaeError
+
+ULTRASOUND_DICOMS = (
+    "US1_UNCR.dcm",
+    "US1_J2KR.dcm",
+    "OBXXXX1A.dcm",
+    "OBXXXX1A_2frame.dcm",
+    "OBXXXX1A_rle.dcm",
+    "JPGLosslessP14SV1_1s_1f_8b.dcm",
+    "gdcm-US-ALOKA-16.dcm",
+    "color3d_jpeg_baseline.dcm",
+)
+RAW_FOLDER = "pydicom-data-ultrasound"
+NUM_STEPS = 7  # ingest, convert, pretrain, load back, features, reconstruction, fine-tune
+# A small MAE with USF-MAE's structure (sin-cos positions, 8x8 patches, light decoder), sized for a laptop CPU.
+SMALL_MAE = dict(image_size=64, patch_size=8, hidden_size=96, num_hidden_layers=4, num_attention_heads=3,
+                 intermediate_size=384, decoder_hidden_size=64, decoder_num_hidden_layers=2,
+                 decoder_num_attention_heads=4, decoder_intermediate_size=256)  # fmt: skip
+
+
+@dataclass
+class Step:
+    title: str
+    command: str
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class QuickstartSettings:
+    pretrain_steps: int = 40
+    finetune_steps: int = 40
+    frame_stride: int = 4
+    batch_size: int = 8
+
+
+def collect_ultrasound_dicoms(destination: Path) -> list[Path]:
+    """Copy the real ultrasound DICOMs shipped by ``pydicom-data`` into ``destination``."""
+    try:
+        from pydicom.data import get_testdata_file
+    except ImportError as error:  # pragma: no cover - pydicom is a core dependency
+        raise UsfmaeError("pydicom is required for the quickstart") from error
+    destination.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in ULTRASOUND_DICOMS:
+        source = get_testdata_file(name)
+        if source is None:
+            continue
+        target = destination / name
+        shutil.copyfile(source, target)
+        copied.append(target)
+    if not copied:
+        raise UsfmaeError("no ultrasound DICOMs found: install the 'pydicom-data' package (pip install pydicom-data)")
+    return copied
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+
+def build_orientation_task(dicoms: Sequence[Path], task_dir: Path, *, frame_stride: int = 2) -> dict[str, dict[str, int]]:
+    """A labelled task from real frames: each frame upright and vertically flipped (fan apex at the bottom).
+
+    The two orientations of a frame always share a split. Validation holds the last third of every
+    multi-frame clip and every second still image (by file name), training the rest. Returns
+    image counts per split and class.
+    """
+    from PIL import Image
+
+    from .io import load_frames
+
+    counts = {split: {"upright": 0, "flipped": 0} for split in ("train", "validation")}
+    stills = sorted(p.name for p in dicoms)
+    for path in dicoms:
+        frames = list(load_frames(path, frame_stride=frame_stride))
+        for position, frame in enumerate(frames):
+            if len(frames) > 1:
+                split = "validation" if position >= 2 * len(frames) // 3 else "train"
+            else:
+                split = "validation" if stills.index(path.name) % 2 else "train"
+            upright = Image.fromarray(frame.image)
+            for label, image in (("upright", upright), ("flipped", upright.transpose(Image.Transpose.FLIP_TOP_BOTTOM))):
+                target = task_dir / split / label / f"{path.stem}_{frame.index:04d}.png"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                image.save(target)
+                counts[split][label] += 1
+    return counts
+
+
+class Quickstart:
+    """Runs the stages in order, timing each and recording the equivalent shell command."""
+
+    def __init__(self, output: Path, settings: QuickstartSettings, log: Callable[[str], None] = print):
+        self.output = output
+        self.settings = settings
+        self.log = log
+        self.steps: list[Step] = []
+        self.results: dict = {}
+
+    def _run(self, title: str, argv: Sequence[str], action: Callable[[], object]) -> object:
+        number = len(self.steps) + 1
+        command = shlex.join(argv)
+        self.log(f"\n[{number}/{NUM_STEPS}] {title}\n$ {command}")
+        start = time.perf_counter()
+        value = action()
+        step = Step(title, command, time.perf_counter() - start)
+        self.steps.append(step)
+        self.log(f"[{number}/{NUM_STEPS}] done in {step.seconds:.1f} s")
+        return value
+
+    def run(self) -> Path:
+        out = self.output
+        raw_root = out / "raw"
+        dicoms = collect_ultrasound_dicoms(raw_root / RAW_FOLDER)
+        self.results["dicoms"] = [p.name for p in dicoms]
+
+        dataset_dir = out / "dataset"
+        self._cli("Ingest the real ultrasound DICOMs into a Hugging Face dataset",
+                  ["usfmae", "ingest", str(raw_root), "--output", str(dataset_dir), "--frame-stride", str(self.settings.frame_stride)])  # fmt: skip
+
+        checkpoint = out / "start" / "small_mae_original_layout.pth"
+        self._write_start_checkpoint(checkpoint)
+        start_model = out / "start" / "hf"
+        self._cli("Convert the original-layout checkpoint to a Hugging Face directory (verified)",
+                  ["usfmae", "convert", str(checkpoint), "--output", str(start_model),
+                   "--num-attention-heads", str(SMALL_MAE["num_attention_heads"]),
+                   "--decoder-num-attention-heads", str(SMALL_MAE["decoder_num_attention_heads"])])  # fmt: skip
+
+        pretrain_dir = out / "pretrain"
+        self._pretrain(start_model, dataset_dir, pretrain_dir)
+        final = pretrain_dir / "final"
+
+        self._features_and_reconstruction(final, dicoms, out)
+        self._finetune(final, dicoms, out)
+        report = out / "REPORT.md"
+        from .quickstart_report import write_report
+
+        write_report(report, self)
+        self.log(f"\nreport: {report}")
+        return report
+
+    # -- stages ------------------------------------------------------------------------------------
+
+    def _cli(self, title: str, argv: list[str]) -> None:
+        """Run a ``usfmae`` sub-command in-process, keeping what it prints for the report."""
+        from .cli import main as cli_main
+
+        printed = io.StringIO()
+
+        def action():
+            with contextlib.redirect_stdout(_Tee(sys.stdout, printed)):
+                status = cli_main(argv[1:])
+            if status:
+                raise UsfmaeError(f"step failed ({shlex.join(argv)}): exit status {status}")
+
+        self._run(title, argv, action)
+        self.steps[-1].notes = printed.getvalue().strip().splitlines()
+
+    def _write_start_checkpoint(self, path: Path) -> None:
+        import torch
+
+        from .reference_mae import ReferenceMAE
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        kwargs = {**SMALL_MAE, "num_channels": 3, "layer_norm_eps": 1e-6}
+        torch.save(ReferenceMAE.from_hf_config_kwargs(kwargs).state_dict(), path)
+
+    def _pretrain(self, start_model: Path, dataset_dir: Path, pretrain_dir: Path) -> None:
+        from .pretraining import main as pretrain_main
+
+        s = self.settings
+        flags = ["--model_name_or_path", str(start_model), "--dataset_dir", str(dataset_dir),
+                 "--output_dir", str(pretrain_dir), "--max_steps", str(s.pretrain_steps),
+                 "--per_device_train_batch_size", str(s.batch_size), "--learning_rate", "1e-3",
+                 "--warmup_steps", "5", "--logging_steps", "10", "--dataloader_num_workers", "0",
+                 "--num_reconstruction_images", "4", "--seed", "0"]  # fmt: skip
+
+        def action():
+            if pretrain_main(flags):
+                raise UsfmaeError("pretraining failed")
+
+        self._run("Continue pretraining with the Accelerate MAE loop", ["python", "training/pretrain_mae.py", *flags], action)
+        records = [json.loads(line) for line in (pretrain_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+        self.results["pretrain_log"] = records
+
+    def _features_and_reconstruction(self, model_dir: Path, dicoms: list[Path], out: Path) -> None:
+        def load_back():
+            from transformers import AutoImageProcessor, AutoModel
+
+            model = AutoModel.from_pretrained(model_dir)
+            processor = AutoImageProcessor.from_pretrained(model_dir)
+            self.results["loaded"] = f"{type(model).__name__} + {type(processor).__name__}"
+
+        self._run("Load the pretrained model back with AutoModel and AutoImageProcessor",
+                  ["python", "-c", f"from transformers import AutoModel, AutoImageProcessor; AutoModel.from_pretrained({str(model_dir)!r}); AutoImageProcessor.from_pretrained({str(model_dir)!r})"],
+                  load_back)  # fmt: skip
+        features = out / "features.parquet"
+        self._cli("Extract CLS features of every frame", ["usfmae", "features", str(dicoms[0].parent), "--model", str(model_dir), "--output", str(features)])
+        self.results["features"] = features
+        still = next((p for p in dicoms if p.name.startswith("US1")), dicoms[0])
+        self._cli("Draw a masked reconstruction", ["usfmae", "reconstruct", str(still), "--model", str(model_dir), "--output", str(out / "reconstruction.png")])
+
+    def _finetune(self, model_dir: Path, dicoms: list[Path], out: Path) -> None:
+        task_dir = out / "orientation-task"
+        counts = build_orientation_task(dicoms, task_dir)
+        self.results["task_counts"] = counts
+        finetune_dir = out / "finetune"
+        s = self.settings
+        flags = ["--model_name_or_path", str(model_dir), "--train_dir", str(task_dir / "train"),
+                 "--validation_dir", str(task_dir / "validation"), "--output_dir", str(finetune_dir),
+                 "--max_steps", str(s.finetune_steps), "--per_device_train_batch_size", str(s.batch_size),
+                 "--learning_rate", "1e-4", "--augment", "none", "--use_cpu", "--report_to", "none",
+                 "--save_strategy", "no", "--logging_steps", "10", "--seed", "0",
+                 "--dataloader_num_workers", "0", "--disable_tqdm", "false"]  # fmt: skip
+
+        def action():
+            from transformers import HfArgumentParser, TrainingArguments
+
+            from .finetuning.run import DataArguments, ModelArguments, run_finetuning
+
+            parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+            model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=flags)
+            return run_finetuning(model_args, data_args, training_args)
+
+        self._run("Fine-tune a classifier with the Trainer (upright vs flipped scans)",
+                  ["python", "training/finetune_classification.py", *flags], action)  # fmt: skip
+        self.results["finetune"] = json.loads((finetune_dir / "all_results.json").read_text())
+        self.results["finetune_dir"] = finetune_dir
+
+
+def run_quickstart(output: str | os.PathLike, *, settings: QuickstartSettings | None = None, overwrite: bool = False) -> Path:
+    """Run every stage into ``output`` and return the path of ``REPORT.md``."""
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        if not overwrite:
+            raise UsfmaeError(f"{output} is not empty (pass --overwrite to start again)")
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the quickstart downloads
+    start = time.perf_counter()
+    report = Quickstart(output, settings or QuickstartSettings()).run()
+    print(f"quickstart finished in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return report

@@ -1,0 +1,116 @@
+"""The quickstart's ``REPORT.md``: what ran, what it measured, and the same steps on the real release."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .atomic import atomic_write_text
+from .version import __version__
+
+if TYPE_CHECKING:
+    from .quickstart import Quickstart
+
+REAL_RELEASE_COMMANDS = """\
+# 1. Convert the released USF-MAE checkpoint (100 epochs, the recommended one), verified number-for-number
+usfmae convert USF-MAE_100ep.pth --output usf-mae-vit-base
+usfmae convert USF-MAE_100ep.pth --output usf-mae-vit-base-encoder --format vit   # encoder only
+
+# 2. Ingest the OpenUS-46 datasets you downloaded (one folder per dataset under /data/OpenUS-46)
+usfmae ingest /data/OpenUS-46 --output openus46-build --num-proc 8 --frame-stride 4 --slice-stride 2
+
+# 3. Continue pretraining on 8 GPUs (see training/README.md for multi-node, FSDP and DeepSpeed)
+accelerate launch --config_file training/configs/multi_gpu.yaml training/pretrain_mae.py \\
+    --model_name_or_path usf-mae-vit-base --dataset_dir openus46-build --output_dir runs/pretrain \\
+    --recipe usfmae --num_train_epochs 100 --per_device_train_batch_size 64 --checkpointing_steps 1000
+
+# 4. Features and reconstructions
+usfmae features /data/my-scans --model usf-mae-vit-base --output features.parquet
+usfmae reconstruct scan.dcm --model usf-mae-vit-base --output reconstruction.png
+
+# 5. Fine-tune and evaluate on a held-out USF-MAE evaluation set (BUS-BRA fold 1), then push
+python training/finetune_classification.py --model_name_or_path usf-mae-vit-base \\
+    --task busbra --data_root /data/BUSBRA --fold 1 --recipe mae --output_dir runs/busbra-f1 \\
+    --num_train_epochs 50 --per_device_train_batch_size 32 --eval_strategy epoch
+usfmae probe --model usf-mae-vit-base --task busbra --data_root /data/BUSBRA --fold 1 --method linear --output-dir runs/busbra-probe
+
+# 6. Publish
+usfmae push usf-mae-vit-base --repo-id your-org/usf-mae-vit-base
+"""
+
+
+def _relative(path: Path, base: Path) -> str:
+    return os.path.relpath(path, base)
+
+
+def _metrics_table(results: dict) -> list[str]:
+    rows = [(k, v) for k, v in sorted(results.items()) if k.startswith(("validation_", "test_")) and isinstance(v, (int, float))]
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| `{name}` | {value:.4f} |" if isinstance(value, float) else f"| `{name}` | {value} |" for name, value in rows]
+    return lines
+
+
+def write_report(path: Path, run: "Quickstart") -> Path:
+    """Write ``REPORT.md`` for a finished quickstart run."""
+    import torch
+    import transformers
+
+    out = path.parent
+    results = run.results
+    log = results["pretrain_log"]
+    finetune_dir = results["finetune_dir"]
+    lines = [
+        "# USF-MAE quickstart report",
+        "",
+        f"usfmae-hf {__version__}, transformers {transformers.__version__}, torch {torch.__version__}, "
+        f"Python {platform.python_version()}, {os.cpu_count()} CPU cores. Total time: {sum(s.seconds for s in run.steps):.0f} s.",
+        "",
+        "Everything below ran on the real ultrasound DICOM files shipped by `pydicom-data` "
+        f"({', '.join(results['dicoms'])}). The released USF-MAE weights are not downloadable here, so a small "
+        "randomly initialised MAE in USF-MAE's original checkpoint layout stands in for them; the last section "
+        "gives the same steps for the real checkpoints and datasets.",
+        "",
+        "## Steps and exact commands",
+        "",
+        "| # | step | seconds |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {i} | {step.title} | {step.seconds:.1f} |" for i, step in enumerate(run.steps, 1)]
+    lines.append("")
+    for i, step in enumerate(run.steps, 1):
+        lines += [f"**{i}. {step.title}**", "", "```bash", step.command, "```", ""]
+        if step.notes:
+            lines += ["```text", *step.notes[-8:], "```", ""]
+
+    lines += ["## Data", "", f"Ingest summary and duplicates: `{_relative(out / 'dataset' / 'ingest_report.md', out)}`.", ""]
+
+    lines += ["## Continued pretraining", ""]
+    if log:
+        first, last = log[0], log[-1]
+        lines += [
+            f"{len(log)} optimizer steps; loss {first['loss']:.4f} at step {first['step']} -> {last['loss']:.4f} at step {last['step']}.",
+            "",
+            f"![training curves]({_relative(out / 'pretrain' / 'training_curves.png', out)})",
+            "",
+        ]
+    lines += ["## Features and reconstruction", "", f"Features: `{_relative(results['features'], out)}`. "
+              f"Loaded back as {results.get('loaded', '?')}.", "", "![reconstruction](reconstruction.png)", ""]  # fmt: skip
+
+    counts = results["task_counts"]
+    lines += [
+        "## Fine-tuning (upright vs flipped scans)",
+        "",
+        "A labelled task built from the same real frames: each frame upright and flipped vertically, split "
+        f"by source file (train {sum(counts['train'].values())} images, validation {sum(counts['validation'].values())}).",
+        "",
+        *_metrics_table(results["finetune"]),
+        "",
+    ]
+    confusion = finetune_dir / "validation_confusion_matrix.png"
+    if confusion.exists():
+        lines += [f"![confusion matrix]({_relative(confusion, out)})", ""]
+    lines += ["## The same on the real USF-MAE release and OpenUS-46", "", "```bash", REAL_RELEASE_COMMANDS.rstrip(), "```", ""]
+    atomic_write_text(path, "\n".join(lines))
+    return path
