@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from hub_server import hub_server  # noqa: F401 - a local Hub for push/download tests
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -78,18 +79,10 @@ def ultrasound_dicoms() -> dict[str, Path]:
     """Real ultrasound DICOM files shipped by ``pydicom-data``, by file name."""
     from pydicom.data import get_testdata_file
 
-    names = [
-        "US1_UNCR.dcm",
-        "US1_J2KR.dcm",
-        "OBXXXX1A.dcm",
-        "OBXXXX1A_2frame.dcm",
-        "OBXXXX1A_rle.dcm",
-        "JPGLosslessP14SV1_1s_1f_8b.dcm",
-        "color3d_jpeg_baseline.dcm",
-        "gdcm-US-ALOKA-16.dcm",
-    ]
+    from usfmae_hf.quickstart import ULTRASOUND_DICOMS
+
     found = {}
-    for name in names:
+    for name in ULTRASOUND_DICOMS:
         path = get_testdata_file(name)
         if path is not None:
             found[name] = Path(path)

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hub_server import hub_server  # noqa: F401 - pytest fixture
 from PIL import Image
 
 from usfmae_hf.errors import UnreadableImageError, UsfmaeError

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_server import hub_server  # noqa: F401 - pytest fixture
 
 from usfmae_hf.cli import main
 from usfmae_hf.hub import PublishError, push_model_dir, validate_model_dir

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hub_server import hub_server  # noqa: F401 - pytest fixture
 from PIL import Image
 
 from usfmae_hf import ingest as ingest_module

@@ -356,11 +356,12 @@ def test_dataset_dir_source_skips_corrupt_images(parquet_build):
     assert not torch.equal(dataset[corrupt]["noise"], sample["noise"])  # new epoch, new augmentation and mask
 
 
-def test_streaming_run_with_augmentation_on_device(parquet_build, config_file, tmp_path):
+def test_streaming_run_with_augmentation_on_device(parquet_build, config_file, image_dir, tmp_path):
     output = tmp_path / "stream"
     args = _args(["--config_name", str(config_file)], parquet_build, output, "--streaming", "--shuffle_buffer_size", "8",
-                 "--augment_on_device")  # fmt: skip
+                 "--augment_on_device", "--validation_dir", str(image_dir))  # fmt: skip
     args[args.index("--train_dir")] = "--dataset_dir"
     assert main(args + ["--per_device_train_batch_size", "4", "--max_steps", "3", "--warmup_steps", "1"]) == 0
     assert [r["step"] for r in _records(output)] == [1, 2, 3]
     assert (output / "final" / "model.safetensors").is_file()
+    assert [p.name for p in (output / "reconstructions").iterdir()] == ["step-00000003.png"]

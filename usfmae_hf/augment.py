@@ -142,7 +142,8 @@ def build_split_train_transform(recipe: Recipe = "usfmae", image_size: int = 224
 
     The worker part decodes to RGB and brings the image to ``S x S`` uint8 (cheap to collate and
     transfer); the device part takes the collated ``B x 3 x S x S`` batch and applies the remaining
-    random ops per sample, then normalises. Composing the two equals :func:`build_train_transform`.
+    random ops per sample (tensor kernels, on the batch's device), then normalises. On the worker's
+    output this equals :func:`build_train_transform` with the same random parameters.
     """
     to_fixed, at_fixed = _recipe_stages(recipe, image_size)
     return v2.Compose([ToRGB(), *to_fixed, v2.ToImage()]), PerSample(v2.Compose([*at_fixed, RescaleNormalize()]))
@@ -151,7 +152,8 @@ def build_split_train_transform(recipe: Recipe = "usfmae", image_size: int = 224
 def build_eval_transform(image_size: int = 224) -> v2.Compose:
     """Return USF-MAE's evaluation transform: RGB, ``Resize((S, S), NEAREST)``, ImageNet normalisation.
 
-    Gives the same numbers as ``build_image_processor(image_size)`` on the same input.
+    Gives the same numbers as ``build_image_processor(image_size)`` on PIL images and uint8 arrays
+    (tensors are resized with torchvision's nearest-exact kernel, which can pick a neighbouring pixel).
     """
     return v2.Compose(
         [

@@ -36,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     try:
         return int(args.func(args) or 0)
     except UsfmaeError as error:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from transformers import AutoImageProcessor, PretrainedConfig, ViTImageProcessorPil
+from transformers import AutoImageProcessor, PreTrainedConfig, ViTImageProcessorPil
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -83,7 +83,7 @@ class UltrasoundImageProcessor(ViTImageProcessorPil):
         return output
 
 
-class _UltrasoundProcessorKey(PretrainedConfig):
+class _UltrasoundProcessorKey(PreTrainedConfig):
     """Registration key only: ``AutoImageProcessor.register`` indexes classes by a config class."""
 
     model_type = "usfmae_ultrasound_image_processor"

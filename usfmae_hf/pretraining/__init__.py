@@ -34,12 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     model_args, data_args, args = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
     try:
-        final = run_pretraining(model_args, data_args, args)
+        run_pretraining(model_args, data_args, args)
     except UsfmaeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    print(f"final model: {final}")
     return 0

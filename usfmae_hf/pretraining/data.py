@@ -93,7 +93,8 @@ class MapStyleImages(Dataset):
             position = (index + attempt) % len(self.source)
             item = self.source[position]
             try:
-                sample = self.make_sample(item[self.column] if self.column else item, self.epoch, position)
+                # keyed by the requested index: a stand-in gets its own augmentation and mask
+                sample = self.make_sample(item[self.column] if self.column else item, self.epoch, index)
             except Exception as error:  # any decoder failure means "bad image": skip it, count it
                 logger.warning("skipping unreadable sample %d: %s", position, error)
                 continue

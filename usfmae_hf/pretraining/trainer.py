@@ -112,15 +112,16 @@ class Pretrainer:
             worker_transform, self.device_transform = build_split_train_transform(args.augmentation, image_size)
         else:
             worker_transform, self.device_transform = build_train_transform(args.augmentation, image_size), None
-        source, column = load_source(
-            dataset_dir=data_args.dataset_dir,
-            train_dir=data_args.train_dir,
-            dataset_name=data_args.dataset_name,
-            dataset_config_name=data_args.dataset_config_name,
-            split=data_args.dataset_split,
-            image_column=data_args.image_column,
-            streaming=data_args.streaming,
-        )
+        with accelerator.main_process_first():  # one process fills the datasets cache, the others reuse it
+            source, column = load_source(
+                dataset_dir=data_args.dataset_dir,
+                train_dir=data_args.train_dir,
+                dataset_name=data_args.dataset_name,
+                dataset_config_name=data_args.dataset_config_name,
+                split=data_args.dataset_split,
+                image_column=data_args.image_column,
+                streaming=data_args.streaming,
+            )
         if data_args.max_train_samples is not None:
             source = _head(source, data_args.max_train_samples)
         make_sample = SampleMaker(worker_transform, (image_size // self.config.patch_size) ** 2, args.seed)
@@ -165,7 +166,7 @@ class Pretrainer:
         self.model.train()
         self.window = torch.zeros(4, device=accelerator.device)  # loss sum, micro-batches, images, bad images
         self.progress = tqdm(
-            total=self.plan.total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="pretraining"
+            total=self.plan.total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="pretraining"
         )
         while state.step < self.plan.total_steps:
             if self._train_epoch():
@@ -181,6 +182,7 @@ class Pretrainer:
         self.save_model(final)
         if accelerator.is_main_process:
             plot_curves(self.log.records(), self.output_dir / "training_curves.png")
+        accelerator.print(f"final model: {final}")
         accelerator.end_training()
         return final
 
