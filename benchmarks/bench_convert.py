@@ -18,8 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# Peak RSS is VmHWM of the child's own address space: ru_maxrss would carry over the parent's
+# peak through fork + exec on Linux.
 CHILD = """
-import json, resource, sys, time
+import json, re, sys, time
 start = time.perf_counter()
 from usfmae_hf.conversion import convert_checkpoint
 imported = time.perf_counter()
@@ -27,7 +29,7 @@ if sys.argv[1] != "imports-only":
     convert_checkpoint(sys.argv[1], sys.argv[2], verify=sys.argv[3] == "1")
 done = time.perf_counter()
 print(json.dumps({"import_s": imported - start, "convert_s": done - imported,
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss_bytes": int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024}))
 """
 
 

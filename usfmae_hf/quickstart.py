@@ -60,8 +60,8 @@ class Step:
 
 @dataclass
 class QuickstartSettings:
-    pretrain_steps: int = 40
-    finetune_steps: int = 40
+    pretrain_steps: int = 200
+    finetune_steps: int = 150
     frame_stride: int = 4
     batch_size: int = 8
 
@@ -248,7 +248,8 @@ class Quickstart:
         flags = ["--model_name_or_path", str(model_dir), "--train_dir", str(task_dir / "train"),
                  "--validation_dir", str(task_dir / "validation"), "--output_dir", str(finetune_dir),
                  "--max_steps", str(s.finetune_steps), "--per_device_train_batch_size", str(s.batch_size),
-                 "--learning_rate", "1e-4", "--augment", "none", "--use_cpu", "--report_to", "none",
+                 "--head", "mean", "--learning_rate", "3e-4", "--warmup_steps", "10",
+                 "--augment", "none", "--use_cpu", "--report_to", "none",
                  "--save_strategy", "no", "--logging_steps", "10", "--seed", "0",
                  "--dataloader_num_workers", "0", "--disable_tqdm", "false"]  # fmt: skip
 

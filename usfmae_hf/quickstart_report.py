@@ -102,8 +102,10 @@ def write_report(path: Path, run: "Quickstart") -> Path:
     lines += [
         "## Fine-tuning (upright vs flipped scans)",
         "",
-        "A labelled task built from the same real frames: each frame upright and flipped vertically, split "
-        f"by source file (train {sum(counts['train'].values())} images, validation {sum(counts['validation'].values())}).",
+        "The MAE-recipe head (mean of patch tokens, saved with its code) fine-tuned with the Trainer on a "
+        "labelled task built from the same real frames: each frame upright and flipped vertically, both "
+        "orientations of a frame in the same split; validation holds the last third of the cine clip and "
+        f"every second still image (train {sum(counts['train'].values())} images, validation {sum(counts['validation'].values())}).",
         "",
         *_metrics_table(results["finetune"]),
         "",

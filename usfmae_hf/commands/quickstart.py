@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     )  # fmt: skip
     parser.add_argument("--output", "-o", type=Path, required=True, help="directory for every output and REPORT.md")
     parser.add_argument("--overwrite", action="store_true", help="empty a non-empty output directory first")
-    parser.add_argument("--pretrain-steps", type=int, default=None, help="optimizer steps of continued pretraining (default: 40)")
-    parser.add_argument("--finetune-steps", type=int, default=None, help="optimizer steps of fine-tuning (default: 40)")
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="optimizer steps of continued pretraining (default: 200)")
+    parser.add_argument("--finetune-steps", type=int, default=None, help="optimizer steps of fine-tuning (default: 150)")
     parser.add_argument("--smoke", action="store_true", help="reduced size for CI: 4 steps each, every 20th cine frame")
     parser.set_defaults(func=run)
