@@ -9,7 +9,6 @@ same numbers on every call.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -25,11 +24,11 @@ import torch
 from PIL import Image
 from transformers import ViTConfig, ViTMAEConfig, ViTMAEForPreTraining, ViTModel
 from tqdm.auto import tqdm
-from transformers.utils import logging as transformers_logging
 
 from .atomic import atomic_write_bytes, atomic_write_text
 from .errors import OutputExistsError, UnreadableImageError, UsfmaeError
 from .io import expand_inputs, load_frames, load_image
+from .loading import quiet_loading_report
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, build_image_processor, load_image_processor
 
 Pooling = Literal["cls", "mean", "patches"]
@@ -85,29 +84,13 @@ def load_encoder(
     config._name_or_path = str(path)
     # The decoder weights of a vit_mae directory are expected leftovers: keep the load report quiet
     # and check the one thing that matters, that no encoder weight is missing.
-    with _quiet_loading_report():
+    with quiet_loading_report():
         model, info = ViTModel.from_pretrained(
             path, config=config, add_pooling_layer=False, output_loading_info=True
         )
     if info["missing_keys"]:
         raise UsfmaeError(f"{path}: encoder weights missing: {', '.join(sorted(info['missing_keys'])[:5])}")
     return _place(model, device, dtype)
-
-
-@contextlib.contextmanager
-def _quiet_loading_report() -> Iterator[None]:
-    # Raising the modeling_utils level alone makes transformers 5 run (and log) its tensor-parallel
-    # plan check, so that logger is muted too.
-    names = ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")
-    loggers = [transformers_logging.get_logger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(transformers_logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 def _model_type(path: Path) -> str:

@@ -15,6 +15,7 @@ from typing import Literal
 from transformers import AutoConfig, PreTrainedModel
 
 from ..errors import CheckpointError
+from ..loading import quiet_loading_report
 from .modeling_usfmae import UsfmaeClassifierConfig, UsfmaeForImageClassification
 
 logger = logging.getLogger(__name__)
@@ -63,11 +64,13 @@ def build_classifier(
     if head == "cls":
         if drop_path_rate:
             raise ValueError("drop-path is only implemented for the 'mean' head (stock ViT layers have none)")
-        return ViTForImageClassification.from_pretrained(
-            model_name_or_path, config=vit_config, ignore_mismatched_sizes=True
-        )
+        with quiet_loading_report():  # the decoder is unused and the new head is expected to be missing
+            return ViTForImageClassification.from_pretrained(
+                model_name_or_path, config=vit_config, ignore_mismatched_sizes=True
+            )
 
-    encoder = ViTModel.from_pretrained(model_name_or_path, config=vit_config, add_pooling_layer=False)
+    with quiet_loading_report():
+        encoder = ViTModel.from_pretrained(model_name_or_path, config=vit_config, add_pooling_layer=False)
     config = UsfmaeClassifierConfig(**fields, drop_path_rate=drop_path_rate)
     model = UsfmaeForImageClassification(config)
     encoder_state = {key: value for key, value in encoder.state_dict().items() if not key.startswith("layernorm.")}
