@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -22,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PretrainedConfig, ViTConfig, ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel, ViTModel
 
-from .atomic import atomic_directory
+from .atomic import atomic_directory, atomic_file
 from .checkpoints import (
     OriginalCheckpoint,
     infer_vitmae_config_kwargs,
@@ -273,7 +272,7 @@ def export_original(model_dir: str | os.PathLike, output_file: str | os.PathLike
     gives an encoder-only file. Converting the result again reproduces the directory's tensors.
     """
     model_dir, output_file = Path(model_dir), Path(output_file)
-    if output_file.exists() and not overwrite:
+    if output_file.exists() and not overwrite:  # checked before the (slow) model load, too
         raise OutputExistsError(f"{output_file} already exists (pass --overwrite to replace it)")
     weights = model_dir / "model.safetensors"
     if not weights.is_file():
@@ -289,15 +288,8 @@ def export_original(model_dir: str | os.PathLike, output_file: str | os.PathLike
         model, prefix = ViTModel.from_pretrained(model_dir, add_pooling_layer=False), ""
     state_dict = current_to_original(model.state_dict(), prefix=prefix)
     validate_mae_state_dict(state_dict, encoder_only=not has_decoder, source=str(model_dir))
-    output_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output_file.name}.", suffix=".tmp", dir=output_file.parent)
-    os.close(fd)
-    try:
+    with atomic_file(output_file, overwrite=overwrite) as tmp:
         torch.save(state_dict, tmp)
-        os.replace(tmp, output_file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return output_file
 
 
