@@ -16,27 +16,7 @@ Example::
 
 import sys
 
-from transformers import HfArgumentParser, TrainingArguments
-
-from usfmae_hf.errors import UsfmaeError
-from usfmae_hf.finetuning.run import DataArguments, ModelArguments, run_finetuning
-
-
-def main() -> int:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), description=__doc__)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses()
-    try:
-        run_finetuning(model_args, data_args, training_args)
-    except UsfmaeError as error:
-        print(f"finetune_classification: error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        import torch.distributed
-
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 0
-
+from usfmae_hf.finetuning.run import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(description=__doc__))

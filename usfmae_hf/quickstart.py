@@ -254,13 +254,10 @@ class Quickstart:
                  "--dataloader_num_workers", "0", "--disable_tqdm", "false"]  # fmt: skip
 
         def action():
-            from transformers import HfArgumentParser, TrainingArguments
+            from .finetuning.run import main as finetune_main
 
-            from .finetuning.run import DataArguments, ModelArguments, run_finetuning
-
-            parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-            model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=flags)
-            return run_finetuning(model_args, data_args, training_args)
+            if finetune_main(flags):
+                raise UsfmaeError("fine-tuning failed")
 
         self._run("Fine-tune a classifier with the Trainer (upright vs flipped scans)",
                   ["python", "training/finetune_classification.py", *flags], action)  # fmt: skip

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -311,3 +312,17 @@ def _push(training_args: TrainingArguments) -> None:
             private=bool(training_args.hub_private_repo),
             token=training_args.hub_token,
         )
+
+
+def main(argv: Sequence[str] | None = None, description: str = "Fine-tune USF-MAE on labelled ultrasound images with the Trainer.") -> int:
+    """Parse command-line flags (every ``TrainingArguments`` flag included) and fine-tune; expected
+    failures print one line and return 2."""
+    from ..launch import run_from_command_line
+
+    return run_from_command_line(
+        (ModelArguments, DataArguments, TrainingArguments),
+        run_finetuning,
+        prog="finetune_classification",
+        description=description,
+        argv=argv,
+    )

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,22 +22,12 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, args: 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse command-line flags and pretrain; expected failures print one line and return 2."""
-    import torch.distributed as dist
-    from transformers import HfArgumentParser
+    from ..launch import run_from_command_line
 
-    from ..errors import UsfmaeError
-
-    parser = HfArgumentParser(
+    return run_from_command_line(
         (ModelArguments, DataArguments, PretrainingArguments),
+        run_pretraining,
+        prog="pretrain_mae",
         description="MAE pretraining of USF-MAE (recipe presets: usfmae, mae; every value overridable).",
+        argv=argv,
     )
-    model_args, data_args, args = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
-    try:
-        run_pretraining(model_args, data_args, args)
-    except UsfmaeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
