@@ -3,7 +3,8 @@
 ViT-B/16 at 224, batch 16, fp32 on CPU:
   * ``extract_features`` (on preprocessed pixel_values, and from PIL images incl. preprocessing)
     vs timm ``forward_features`` vs stock ``ViTMAEModel`` (all 196 patches kept), in images/s;
-  * achieved FLOP/s of ``extract_features`` vs a matmul peak (the best of square and ViT-B-shaped fp32 ``torch.mm``) measured here.
+  * achieved FLOP/s of ``extract_features`` vs a matmul peak (the best of square and ViT-B-shaped fp32
+    ``torch.mm``) measured here.
   Target: >= 1.0x timm; stretch: >= 90% of the matmul peak.
 Readers: frames/s on one core of ``load_frames`` for PNG and for DICOM (uncompressed, JPEG 2000,
 JPEG baseline cine).
@@ -46,7 +47,9 @@ def interleaved_best_seconds(functions: dict[str, Callable[[], object]], rounds:
     return best
 
 
-def vit_forward_flops(image_size: int = 224, patch: int = 16, dim: int = 768, depth: int = 12, mlp: int = 3072) -> float:
+def vit_forward_flops(
+    image_size: int = 224, patch: int = 16, dim: int = 768, depth: int = 12, mlp: int = 3072
+) -> float:
     """Multiply-add FLOPs (2 per MAC) of one ViT encoder forward pass (patch embedding + blocks)."""
     tokens = (image_size // patch) ** 2 + 1
     patch_embed = (tokens - 1) * (3 * patch * patch) * dim
@@ -62,7 +65,7 @@ def matmul_peak(iterations: int) -> float:
     rates = []
     for m, k, n in PEAK_SHAPES:
         a, b = torch.randn(m, k), torch.randn(k, n)
-        rates.append(2.0 * m * k * n / best_seconds(lambda: torch.mm(a, b), iterations))
+        rates.append(2.0 * m * k * n / best_seconds(lambda a=a, b=b: torch.mm(a, b), iterations))
     return max(rates)
 
 
@@ -70,8 +73,8 @@ def bench_models(batch: int, iterations: int) -> dict[str, float]:
     from timm.models.vision_transformer import VisionTransformer
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
-    from usfmae_hf.inference import extract_features, load_encoder
-    from usfmae_hf.preprocessing import build_image_processor
+    from usfmae_hf.image.processor import build_image_processor
+    from usfmae_hf.inference.features import extract_features, load_encoder
 
     torch.manual_seed(0)
     pixel_values = torch.randn(batch, 3, 224, 224)
@@ -84,9 +87,15 @@ def bench_models(batch: int, iterations: int) -> dict[str, float]:
         encoder = load_encoder(directory)
         stock = ViTMAEForPreTraining.from_pretrained(directory).vit.eval()  # stock ViTMAEModel
     timm_model = VisionTransformer(
-        img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, qkv_bias=True,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_classes=0,
-    ).eval()  # fmt: skip
+        img_size=224,
+        patch_size=16,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        qkv_bias=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_classes=0,
+    ).eval()
     noise = torch.arange(196, dtype=torch.float32).expand(batch, -1)
 
     @torch.inference_mode()
@@ -146,17 +155,24 @@ def bench_readers(iterations: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
-    parser.add_argument("--iterations", type=int, default=2, help="timed repetitions after a warm-up; best is kept (default: 2)")
+    parser.add_argument(
+        "--iterations", type=int, default=2, help="timed repetitions after a warm-up; best is kept (default: 2)"
+    )
     args = parser.parse_args()
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch {args.batch_size}")
     peak = matmul_peak(max(args.iterations, 10))
     flops = vit_forward_flops()
-    print(f"matmul peak (best of square and ViT-B MLP fp32 GEMMs): {peak / 1e9:.1f} GFLOP/s; ViT-B/16 forward: {flops / 1e9:.1f} GFLOP/image")
+    print(
+        f"matmul peak (best of square and ViT-B MLP fp32 GEMMs): {peak / 1e9:.1f} GFLOP/s; "
+        f"ViT-B/16 forward: {flops / 1e9:.1f} GFLOP/image"
+    )
     rates = bench_models(args.batch_size, args.iterations)
     timm_rate = rates["timm forward_features"]
     for name, rate in rates.items():
-        print(f"  {name:55s} {rate:6.2f} img/s  {rate / timm_rate:5.2f}x timm  {rate * flops / peak:6.1%} of matmul peak")
+        print(
+            f"  {name:55s} {rate:6.2f} img/s  {rate / timm_rate:5.2f}x timm  {rate * flops / peak:6.1%} of matmul peak"
+        )
     # The readers are single-threaded Python: frames/s in this process is frames/s per core.
     torch.set_num_threads(1)
     for name, rate in bench_readers(args.iterations).items():

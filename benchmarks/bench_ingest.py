@@ -3,7 +3,7 @@
 1. ``usfmae ingest`` files/s in one process for typical ultrasound PNG exports (8-bit grey, 800x600,
    speckle inside a sector on black, like HC18/BUS-BRA exports) and for the real ultrasound DICOMs
    of pydicom-data (GE RGB, Philips palette, JPEG lossless/2000, a 120-frame cine at stride 10).
-2. Training-time decode + USF-MAE augmentation (``usfmae_hf.augment.build_train_transform("usfmae")``:
+2. Training-time decode + USF-MAE augmentation (``usfmae_hf.image.augment.build_train_transform("usfmae")``:
    RGB, Resize 224 NEAREST, RandomRotation, flips, RandomResizedCrop(0.5-2.0), normalise) per second in
    one thread, from the build's stored 224x224 PNGs vs from the original PNG files; once with the
    whole transform on the CPU, once with only the DataLoader-worker stage of
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from usfmae_hf.augment import build_split_train_transform, build_train_transform
-from usfmae_hf.ingest import IngestOptions, ingest
+from usfmae_hf.image.augment import build_split_train_transform, build_train_transform
+from usfmae_hf.ingest.build import IngestOptions, ingest
 
 DICOMS = ("US1_UNCR.dcm", "US1_J2KR.dcm", "OBXXXX1A.dcm", "OBXXXX1A_rle.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm")
 

@@ -34,7 +34,9 @@ def make_images(directory: Path, count: int) -> None:
     for index in range(count):
         base = 96 + 64 * np.sin(x / (30 + index) + y / 45)
         speckle = rng.gamma(2.0, 20.0, size=base.shape)
-        Image.fromarray(np.clip(base + speckle - 40, 0, 255).astype(np.uint8), "L").save(directory / f"scan_{index:03d}.png")
+        Image.fromarray(np.clip(base + speckle - 40, 0, 255).astype(np.uint8), "L").save(
+            directory / f"scan_{index:03d}.png"
+        )
 
 
 def transformer_flops(tokens: int, width: int, layers: int, mlp: int) -> float:
@@ -52,7 +54,10 @@ def training_flops_per_image(config) -> float:
     decoder = transformer_flops(
         patches + 1, config.decoder_hidden_size, config.decoder_num_hidden_layers, config.decoder_intermediate_size
     )
-    heads = 2 * visible * config.hidden_size * config.decoder_hidden_size + 2 * patches * config.decoder_hidden_size * 3 * config.patch_size**2
+    heads = (
+        2 * visible * config.hidden_size * config.decoder_hidden_size
+        + 2 * patches * config.decoder_hidden_size * 3 * config.patch_size**2
+    )
     return 3 * (patch_embed + encoder + decoder + heads)
 
 
@@ -61,12 +66,27 @@ def real_loop(config_file: Path, images: Path, output: Path, args) -> float:
 
     code = main(
         [
-            "--config_name", str(config_file), "--train_dir", str(images), "--output_dir", str(output),
-            "--per_device_train_batch_size", str(args.batch_size), "--max_steps", str(args.steps),
-            "--dataloader_num_workers", str(args.workers), "--mixed_precision", args.mixed_precision,
-            "--num_reconstruction_images", "0", "--logging_steps", str(args.steps),
-        ] + (["--torch_compile"] if args.torch_compile else [])
-    )  # fmt: skip
+            "--config_name",
+            str(config_file),
+            "--train_dir",
+            str(images),
+            "--output_dir",
+            str(output),
+            "--per_device_train_batch_size",
+            str(args.batch_size),
+            "--max_steps",
+            str(args.steps),
+            "--dataloader_num_workers",
+            str(args.workers),
+            "--mixed_precision",
+            args.mixed_precision,
+            "--num_reconstruction_images",
+            "0",
+            "--logging_steps",
+            str(args.steps),
+        ]
+        + (["--torch_compile"] if args.torch_compile else [])
+    )
     if code:
         raise SystemExit(f"pretraining failed with exit code {code}")
     records = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
@@ -97,7 +117,7 @@ def bare_loop(config, args) -> float:
 
 
 def augmentation_per_worker(images: Path, image_size: int, seconds: float = 5.0) -> float:
-    from usfmae_hf.augment import build_train_transform
+    from usfmae_hf.image.augment import build_train_transform
     from usfmae_hf.pretraining.data import decode_image
 
     transform = build_train_transform("usfmae", image_size)
@@ -121,9 +141,13 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8, help="images per step (default: 8)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the real loop (default: 2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="bare-loop device")
-    parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"], help="autocast (default: fp32)")
+    parser.add_argument(
+        "--mixed_precision", default="no", choices=["no", "bf16", "fp16"], help="autocast (default: fp32)"
+    )
     parser.add_argument("--torch_compile", action="store_true", help="compile the model in the real loop")
-    parser.add_argument("--peak_tflops", type=float, default=None, help="device peak TFLOP/s, for model FLOP utilisation")
+    parser.add_argument(
+        "--peak_tflops", type=float, default=None, help="device peak TFLOP/s, for model FLOP utilisation"
+    )
     args = parser.parse_args()
     if args.steps <= args.warmup:
         parser.error("--steps must exceed --warmup")

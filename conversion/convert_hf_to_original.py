@@ -14,7 +14,9 @@ from usfmae_hf.commands.convert import add_export_arguments, run_export
 from usfmae_hf.errors import UsfmaeError
 
 if __name__ == "__main__":
-    parser = add_export_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = add_export_arguments(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
     try:
         sys.exit(run_export(parser.parse_args()))
     except UsfmaeError as error:

@@ -16,7 +16,9 @@ from usfmae_hf.errors import UsfmaeError
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = add_convert_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = add_convert_arguments(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
     try:
         sys.exit(run_convert(parser.parse_args()))
     except UsfmaeError as error:

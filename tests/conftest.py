@@ -43,7 +43,7 @@ def tiny_original_checkpoint(tmp_path_factory) -> Path:
     """A random tiny MAE saved as the original code does: a bare state dict in a ``.pth`` file."""
     import torch
 
-    from usfmae_hf.reference_mae import ReferenceMAE
+    from usfmae_hf.model.reference_mae import ReferenceMAE
 
     torch.manual_seed(0)
     model = ReferenceMAE.from_hf_config_kwargs(TINY_MAE_KWARGS)
@@ -55,7 +55,7 @@ def tiny_original_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_original_checkpoint, tmp_path_factory) -> Path:
     """The tiny checkpoint converted to a full ViTMAE directory (config, safetensors, processor, card)."""
-    from usfmae_hf.conversion import convert_checkpoint
+    from usfmae_hf.model.conversion import convert_checkpoint
 
     out = tmp_path_factory.mktemp("tiny_hf") / "tiny-usfmae"
     convert_checkpoint(tiny_original_checkpoint, out, num_attention_heads=2, decoder_num_attention_heads=2)
@@ -65,7 +65,7 @@ def tiny_model_dir(tiny_original_checkpoint, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_vit_dir(tiny_original_checkpoint, tmp_path_factory) -> Path:
     """The tiny checkpoint converted to an encoder-only ``ViTModel`` directory (``--format vit``)."""
-    from usfmae_hf.conversion import convert_checkpoint
+    from usfmae_hf.model.conversion import convert_checkpoint
 
     out = tmp_path_factory.mktemp("tiny_vit") / "tiny-usfmae-vit"
     convert_checkpoint(
@@ -79,7 +79,7 @@ def ultrasound_dicoms() -> dict[str, Path]:
     """Real ultrasound DICOM files shipped by ``pydicom-data``, by file name."""
     from pydicom.data import get_testdata_file
 
-    from usfmae_hf.quickstart import ULTRASOUND_DICOMS
+    from usfmae_hf.quickstart.runner import ULTRASOUND_DICOMS
 
     found = {}
     for name in ULTRASOUND_DICOMS:

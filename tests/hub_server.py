@@ -47,7 +47,9 @@ import pytest
 import yaml
 
 USER = "tester"
-INITIAL_GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+INITIAL_GITATTRIBUTES = (
+    b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+)
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 # /api/{type}s/{namespace}/{name}/{action}[/{rest}] ; {rest} stays URL-encoded (a revision may hold %2F)
 API_REPO_RE = re.compile(r"^/api/(models|datasets|spaces)/([^/]+)/([^/]+)(?:/([^/]+)(?:/(.*))?)?$")
@@ -166,9 +168,7 @@ class HubServer:
     def requests_to(self, path_contains: str, method: str | None = None) -> list[RecordedRequest]:
         """Recorded requests whose path contains ``path_contains`` (and with ``method``, if given)."""
         with self._lock:
-            return [
-                r for r in self.requests if path_contains in r.path and (method is None or r.method == method)
-            ]
+            return [r for r in self.requests if path_contains in r.path and (method is None or r.method == method)]
 
     def is_lfs(self, path: str) -> bool:
         return any(fnmatch(path, pattern) for pattern in self.lfs_patterns)
@@ -185,7 +185,9 @@ class HubServer:
 class _Reply(Exception):
     """Raised by a route to answer with an error (status, message, optional X-Error-Code)."""
 
-    def __init__(self, status: int, message: str, error_code: str | None = None, headers: dict | None = None, **payload):
+    def __init__(
+        self, status: int, message: str, error_code: str | None = None, headers: dict | None = None, **payload
+    ):
         super().__init__(message)
         self.status, self.message, self.error_code, self.headers = status, message, error_code, headers or {}
         self.payload = {"error": message, **payload}
@@ -296,12 +298,14 @@ class _HubHandler(BaseHTTPRequestHandler):
             if match and method == "POST":
                 return self._lfs_batch()
             if path.startswith(LFS_UPLOAD_PREFIX) and method == "PUT":
-                return self._lfs_upload(path[len(LFS_UPLOAD_PREFIX):])
+                return self._lfs_upload(path[len(LFS_UPLOAD_PREFIX) :])
             match = RESOLVE_RE.match(path)
             if match and method in ("GET", "HEAD"):
                 plural, namespace, name, revision, filename = match.groups()
                 repo_type = REPO_TYPES[plural] if plural else "model"
-                return self._resolve(method, repo_type, f"{unquote(namespace)}/{unquote(name)}", unquote(revision), unquote(filename))
+                return self._resolve(
+                    method, repo_type, f"{unquote(namespace)}/{unquote(name)}", unquote(revision), unquote(filename)
+                )
         raise _Reply(404, f"No route for {method} {path}")
 
     def _repo_api(self, method: str, repo_type: str, repo_id: str, action: str | None, rest: str | None):
@@ -314,7 +318,11 @@ class _HubHandler(BaseHTTPRequestHandler):
             revision, _, subpath = rest.partition("/")
             return self._tree(repo, unquote(revision), unquote(subpath))
         if method == "GET" and action == "refs":
-            branches = [{"name": ref, "ref": f"refs/heads/{ref}", "targetCommit": oid} for ref, oid in repo.refs.items() if not ref.startswith("refs/")]
+            branches = [
+                {"name": ref, "ref": f"refs/heads/{ref}", "targetCommit": oid}
+                for ref, oid in repo.refs.items()
+                if not ref.startswith("refs/")
+            ]
             return self._json({"branches": branches, "tags": [], "converts": []})
         if method == "POST" and action == "paths-info" and rest:
             return self._paths_info(repo, unquote(rest))
@@ -362,7 +370,9 @@ class _HubHandler(BaseHTTPRequestHandler):
             if "license" in metadata and not isinstance(metadata["license"], str):
                 problems.append('"license" must be a string')
             for key in ("tags", "datasets"):
-                if key in metadata and not (isinstance(metadata[key], list) and all(isinstance(v, str) for v in metadata[key])):
+                if key in metadata and not (
+                    isinstance(metadata[key], list) and all(isinstance(v, str) for v in metadata[key])
+                ):
                     problems.append(f'"{key}" must be a list of strings')
             for entry in metadata.get("model-index") or []:
                 for result in entry.get("results", []):
@@ -401,14 +411,16 @@ class _HubHandler(BaseHTTPRequestHandler):
         for path, data in sorted(commit.files.items()):
             if not path.startswith(prefix):
                 continue
-            parts = path[len(prefix):].split("/")
+            parts = path[len(prefix) :].split("/")
             for depth in range(1, len(parts) if recursive else min(2, len(parts))):
                 folders.add(prefix + "/".join(parts[:depth]))
             if recursive or len(parts) == 1:
                 entries.append(self._entry(path, data))
         if subpath and not entries and not folders:
             raise _Reply(404, f"{subpath} does not exist on {revision}", "EntryNotFound")
-        entries += [{"type": "directory", "path": folder, "oid": git_blob_id(folder.encode())} for folder in sorted(folders)]
+        entries += [
+            {"type": "directory", "path": folder, "oid": git_blob_id(folder.encode())} for folder in sorted(folders)
+        ]
         return self._json(entries)
 
     def _paths_info(self, repo: Repo, revision: str):
@@ -441,7 +453,9 @@ class _HubHandler(BaseHTTPRequestHandler):
             lfs = self.server_hub.is_lfs(entry["path"])
             # The client compares this oid with its own: sha256 for LFS files, the git blob id otherwise.
             oid = None if existing is None else hashlib.sha256(existing).hexdigest() if lfs else git_blob_id(existing)
-            files.append({"path": entry["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
+            files.append(
+                {"path": entry["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid}
+            )
         return self._json({"files": files, "commitOid": commit.oid})
 
     def _create_commit(self, repo: Repo, revision: str):
@@ -488,7 +502,9 @@ class _HubHandler(BaseHTTPRequestHandler):
         for obj in payload["objects"]:
             reply = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
             if obj["oid"] not in self.server_hub.lfs_objects:
-                reply["actions"] = {"upload": {"href": f"{self.server_hub.url}{LFS_UPLOAD_PREFIX}{obj['oid']}", "header": {}}}
+                reply["actions"] = {
+                    "upload": {"href": f"{self.server_hub.url}{LFS_UPLOAD_PREFIX}{obj['oid']}", "header": {}}
+                }
             objects.append(reply)
         return self._json({"transfer": "basic", "objects": objects})
 

@@ -1,4 +1,4 @@
-"""Tests for usfmae_hf.augment: recipes equal torchvision's own (v1) reference pipelines."""
+"""Tests for usfmae_hf.image.augment: recipes equal torchvision's own (v1) reference pipelines."""
 
 from __future__ import annotations
 
@@ -9,8 +9,14 @@ from PIL import Image
 from torchvision import transforms as v1
 from torchvision.transforms import v2
 
-from usfmae_hf.augment import PerSample, ToRGB, build_eval_transform, build_split_train_transform, build_train_transform
-from usfmae_hf.preprocessing import IMAGENET_MEAN, IMAGENET_STD, build_image_processor
+from usfmae_hf.image.augment import (
+    PerSample,
+    ToRGB,
+    build_eval_transform,
+    build_split_train_transform,
+    build_train_transform,
+)
+from usfmae_hf.image.processor import IMAGENET_MEAN, IMAGENET_STD, build_image_processor
 
 
 def _random_image(height: int, width: int, mode: str = "RGB", seed: int = 0) -> Image.Image:

@@ -10,9 +10,9 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from usfmae_hf.cards import PIPELINE_TAGS, REPO_ID_PLACEHOLDER, TAGS, render_model_card
-from usfmae_hf.catalogue import load_catalogue
 from usfmae_hf.errors import UsfmaeError
+from usfmae_hf.ingest.catalogue import load_catalogue
+from usfmae_hf.publishing.cards import PIPELINE_TAGS, REPO_ID_PLACEHOLDER, TAGS, render_model_card
 
 REPO_ID = "someone/usf-mae-test"
 PROVENANCE = {"source_file": "USF-MAE_100ep.pt", "source_sha256": "0123abcd" * 8, "layout": "state_dict"}
@@ -59,7 +59,10 @@ def test_results_become_model_index():
     assert data.base_model == "someone/usf-mae-encoder"
     assert data.datasets == ["someone/bus-bra"]
     assert data.model_name == "usf-mae-test"
-    got = [(r.task_type, r.dataset_name, r.dataset_type, r.dataset_split, r.metric_type, r.metric_value) for r in data.eval_results]
+    got = [
+        (r.task_type, r.dataset_name, r.dataset_type, r.dataset_split, r.metric_type, r.metric_value)
+        for r in data.eval_results
+    ]
     assert got == [
         ("image-classification", "BUS-BRA", "bus-bra", "test", "f1", 0.816),
         ("image-classification", "BUS-BRA", "bus-bra", "test", "accuracy", 0.85),
@@ -204,7 +207,9 @@ def test_classifier_snippet_runs_on_fine_tuned_model(classifier_dir, ultrasound_
     from transformers import AutoConfig, AutoModelForImageClassification
 
     config = AutoConfig.from_pretrained(classifier_dir)
-    card = render_model_card("classifier", config=config, base_model="someone/usf-mae-encoder", results=RESULTS, repo_id=REPO_ID)
+    card = render_model_card(
+        "classifier", config=config, base_model="someone/usf-mae-encoder", results=RESULTS, repo_id=REPO_ID
+    )
     assert ("trust_remote_code=True" in usage_snippet(card)) == bool(getattr(config, "auto_map", None))
     ns, out = run_snippet(card, classifier_dir, ultrasound_png, monkeypatch, capsys)
     model = AutoModelForImageClassification.from_pretrained(classifier_dir).eval()

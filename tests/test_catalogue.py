@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from usfmae_hf.catalogue import DatasetEntry, find_entry, generic_entry, load_catalogue, normalize_name
 from usfmae_hf.cli import main
 from usfmae_hf.errors import UsfmaeError
+from usfmae_hf.ingest.catalogue import DatasetEntry, find_entry, generic_entry, load_catalogue, normalize_name
 
 
 def test_catalogue_lists_the_46_datasets_with_three_held_out():

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from usfmae_hf.checkpoints import infer_vitmae_config_kwargs, load_original_checkpoint
 from usfmae_hf.errors import CheckpointError
+from usfmae_hf.model.checkpoints import infer_vitmae_config_kwargs, load_original_checkpoint
 
 
 class _RunsCode:
@@ -28,7 +28,9 @@ def _state_dict(tiny_original_checkpoint):
 
 
 def _run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "usfmae_hf.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "usfmae_hf.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd
+    )
 
 
 def test_malicious_pickle_is_refused_and_does_not_run(tmp_path, tiny_original_checkpoint):
@@ -113,7 +115,9 @@ def test_missing_and_unexpected_keys(tmp_path, tiny_original_checkpoint):
 def test_inconsistent_shapes(tmp_path, tiny_original_checkpoint):
     sd = _state_dict(tiny_original_checkpoint)
     torch.save({**sd, "blocks.1.attn.qkv.weight": torch.zeros(90, 32)}, tmp_path / "qkv.pth")
-    with pytest.raises(CheckpointError, match=r"blocks\.1\.attn\.qkv\.weight has shape \(90, 32\), expected \(96, 32\)"):
+    with pytest.raises(
+        CheckpointError, match=r"blocks\.1\.attn\.qkv\.weight has shape \(90, 32\), expected \(96, 32\)"
+    ):
         load_original_checkpoint(tmp_path / "qkv.pth")
     torch.save({**sd, "pos_embed": torch.zeros(1, 16, 32)}, tmp_path / "pos.pth")
     with pytest.raises(CheckpointError, match="not a square grid"):
@@ -130,11 +134,21 @@ def test_ddp_prefix_is_stripped_and_architecture_inferred(tmp_path, tiny_origina
     assert checkpoint.layout == "mae_checkpoint" and checkpoint.extra == {"epoch": 3}
     kwargs = infer_vitmae_config_kwargs(checkpoint, num_attention_heads=2, decoder_num_attention_heads=2)
     assert kwargs == {
-        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-        "hidden_act": "gelu", "qkv_bias": True, "layer_norm_eps": 1e-6, "image_size": 32, "patch_size": 8,
-        "num_channels": 3, "decoder_hidden_size": 16, "decoder_num_hidden_layers": 1,
-        "decoder_num_attention_heads": 2, "decoder_intermediate_size": 32,
-    }  # fmt: skip
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "hidden_act": "gelu",
+        "qkv_bias": True,
+        "layer_norm_eps": 1e-6,
+        "image_size": 32,
+        "patch_size": 8,
+        "num_channels": 3,
+        "decoder_hidden_size": 16,
+        "decoder_num_hidden_layers": 1,
+        "decoder_num_attention_heads": 2,
+        "decoder_intermediate_size": 32,
+    }
 
 
 def test_heads_without_preset_need_a_flag(tiny_original_checkpoint):
@@ -147,10 +161,28 @@ def test_heads_without_preset_need_a_flag(tiny_original_checkpoint):
 
 def test_cli_converts_and_exports(tmp_path, tiny_original_checkpoint):
     out = tmp_path / "hf"
-    result = _run_cli("convert", tiny_original_checkpoint, "--output", out, "--num-attention-heads", "2", "--decoder-num-attention-heads", "2")
+    result = _run_cli(
+        "convert",
+        tiny_original_checkpoint,
+        "--output",
+        out,
+        "--num-attention-heads",
+        "2",
+        "--decoder-num-attention-heads",
+        "2",
+    )
     assert result.returncode == 0, result.stderr
     assert "detected layout: state_dict" in result.stdout and "verified against the reference MAE" in result.stdout
-    again = _run_cli("convert", tiny_original_checkpoint, "--output", out, "--num-attention-heads", "2", "--decoder-num-attention-heads", "2")
+    again = _run_cli(
+        "convert",
+        tiny_original_checkpoint,
+        "--output",
+        out,
+        "--num-attention-heads",
+        "2",
+        "--decoder-num-attention-heads",
+        "2",
+    )
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
 
     script = _run_cli("export-original", out, "--output", tmp_path / "back.pth")
@@ -163,10 +195,19 @@ def test_cli_converts_and_exports(tmp_path, tiny_original_checkpoint):
 def test_conversion_scripts_are_thin_entry_points(tmp_path, tiny_original_checkpoint):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for script in ("convert_usfmae_to_hf.py", "convert_hf_to_original.py"):
-        result = subprocess.run([sys.executable, os.path.join(root, "conversion", script), "--help"], capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, os.path.join(root, "conversion", script), "--help"], capture_output=True, text=True
+        )
         assert result.returncode == 0 and "--output" in result.stdout and "--overwrite" in result.stdout
     result = subprocess.run(
-        [sys.executable, os.path.join(root, "conversion", "convert_usfmae_to_hf.py"), str(tmp_path / "missing.pth"), "--output", str(tmp_path / "o")],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            os.path.join(root, "conversion", "convert_usfmae_to_hf.py"),
+            str(tmp_path / "missing.pth"),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1 and "no such file" in result.stderr and "Traceback" not in result.stderr

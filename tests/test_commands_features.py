@@ -7,13 +7,12 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
-import usfmae_hf.inference
+import usfmae_hf.inference.features
 import usfmae_hf.io
 from usfmae_hf.cli import main
-from usfmae_hf.inference import extract_features, load_encoder, write_features
+from usfmae_hf.inference.features import extract_features, load_encoder, write_features
 
 
 @pytest.fixture()
@@ -22,7 +21,9 @@ def inputs(tmp_path, ultrasound_dicoms):
     (folder / "sub").mkdir(parents=True)
     rng = np.random.default_rng(0)
     for index in range(6):
-        Image.fromarray(rng.integers(0, 256, (30 + index, 40, 3), dtype=np.uint8)).save(folder / "sub" / f"img{index}.png")
+        Image.fromarray(rng.integers(0, 256, (30 + index, 40, 3), dtype=np.uint8)).save(
+            folder / "sub" / f"img{index}.png"
+        )
     shutil.copy(ultrasound_dicoms["OBXXXX1A_2frame.dcm"], folder / "cine.dcm")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     return folder
@@ -30,7 +31,22 @@ def inputs(tmp_path, ultrasound_dicoms):
 
 def test_features_parquet_matches_the_api(inputs, tiny_model_dir, tmp_path, capsys):
     output = tmp_path / "features.parquet"
-    assert main(["features", str(inputs), "--model", str(tiny_model_dir), "--output", str(output), "--batch-size", "4", "-q"]) == 0
+    assert (
+        main(
+            [
+                "features",
+                str(inputs),
+                "--model",
+                str(tiny_model_dir),
+                "--output",
+                str(output),
+                "--batch-size",
+                "4",
+                "-q",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "skipped" in captured.err and "broken.png" in captured.err
     assert "wrote 8 feature rows from 7 file(s)" in captured.out
@@ -70,11 +86,11 @@ def test_rerun_after_interruption_resumes(inputs, tiny_model_dir, tmp_path, monk
         return real_load_frames(path, **kwargs)
 
     output = tmp_path / "resumed.parquet"
-    monkeypatch.setattr(usfmae_hf.inference, "load_frames", interrupted)
+    monkeypatch.setattr(usfmae_hf.inference.features, "load_frames", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_features([inputs], tiny_model_dir, output, checkpoint_rows=2, progress=False, on_skip=print)
     assert not output.exists() and list((tmp_path / "resumed.parquet.partial").glob("shard-*.npz"))
-    monkeypatch.setattr(usfmae_hf.inference, "load_frames", real_load_frames)
+    monkeypatch.setattr(usfmae_hf.inference.features, "load_frames", real_load_frames)
     capsys.readouterr()
     args = ["features", str(inputs), "--model", str(tiny_model_dir), "--output", str(output), "-q"]
     assert main(args) == 0
@@ -82,8 +98,10 @@ def test_rerun_after_interruption_resumes(inputs, tiny_model_dir, tmp_path, monk
     assert pq.read_table(output).to_pydict()["path"] == pq.read_table(reference).to_pydict()["path"]
     np.testing.assert_allclose(
         np.array(pq.read_table(output)["features"].to_pylist()),
-        np.array(pq.read_table(reference)["features"].to_pylist()), rtol=1e-5, atol=1e-6,
-    )  # fmt: skip
+        np.array(pq.read_table(reference)["features"].to_pylist()),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_changed_settings_do_not_resume(inputs, tiny_model_dir, tmp_path, capsys):
@@ -97,7 +115,10 @@ def test_changed_settings_do_not_resume(inputs, tiny_model_dir, tmp_path, capsys
 def test_no_readable_frame_is_an_error(tmp_path, tiny_model_dir, capsys):
     (tmp_path / "bad.dcm").write_bytes(b"nothing")
     output = tmp_path / "f.npy"
-    assert main(["features", str(tmp_path / "bad.dcm"), "--model", str(tiny_model_dir), "--output", str(output), "-q"]) == 2
+    assert (
+        main(["features", str(tmp_path / "bad.dcm"), "--model", str(tiny_model_dir), "--output", str(output), "-q"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "bad.dcm" in err and "no frame could be read" in err
     assert not output.exists()
@@ -107,7 +128,9 @@ def test_no_readable_frame_is_an_error(tmp_path, tiny_model_dir, capsys):
 def test_reconstruct_command_writes_a_grid(tiny_model_dir, tiny_vit_dir, tmp_path, ultrasound_dicoms, capsys):
     figure = tmp_path / "grid.png"
     source = ultrasound_dicoms["US1_UNCR.dcm"]
-    assert main(["reconstruct", str(source), "--model", str(tiny_model_dir), "--output", str(figure), "--seed", "1"]) == 0
+    assert (
+        main(["reconstruct", str(source), "--model", str(tiny_model_dir), "--output", str(figure), "--seed", "1"]) == 0
+    )
     assert "masked 75%" in capsys.readouterr().out
     with Image.open(figure) as image:
         assert image.format == "PNG"

@@ -10,10 +10,10 @@ import torch
 from conftest import TINY_MAE_KWARGS
 from safetensors import safe_open
 
-from usfmae_hf.checkpoints import sha256_of_file
-from usfmae_hf.conversion import DEFAULT_ATOL, convert_checkpoint, export_original
 from usfmae_hf.errors import OutputExistsError, VerificationError
-from usfmae_hf.reference_mae import ReferenceMAE
+from usfmae_hf.model.checkpoints import sha256_of_file
+from usfmae_hf.model.conversion import DEFAULT_ATOL, convert_checkpoint, export_original
+from usfmae_hf.model.reference_mae import ReferenceMAE
 
 HEADS = dict(num_attention_heads=2, decoder_num_attention_heads=2)
 
@@ -23,7 +23,9 @@ def _random_images(n=2, size=32, seed=1):
 
 
 def _reference(path, norm_pix_loss=False, encoder_only=False):
-    reference = ReferenceMAE.from_hf_config_kwargs({**TINY_MAE_KWARGS, "norm_pix_loss": norm_pix_loss}, encoder_only=encoder_only)
+    reference = ReferenceMAE.from_hf_config_kwargs(
+        {**TINY_MAE_KWARGS, "norm_pix_loss": norm_pix_loss}, encoder_only=encoder_only
+    )
     state_dict = torch.load(path, weights_only=False)  # written by the test itself
     state_dict = state_dict.get("model", state_dict)
     if encoder_only:
@@ -34,7 +36,12 @@ def _reference(path, norm_pix_loss=False, encoder_only=False):
 
 def _write_layout(sd: dict, path, layout: str):
     if layout == "mae_checkpoint":
-        obj = {"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 7, "args": argparse.Namespace(blr=1.5e-4)}
+        obj = {
+            "model": sd,
+            "optimizer": {"state": {}, "param_groups": []},
+            "epoch": 7,
+            "args": argparse.Namespace(blr=1.5e-4),
+        }
     elif layout == "encoder_only":
         obj = {k: v for k, v in sd.items() if not (k.startswith("decoder") or k == "mask_token")}
     else:
@@ -81,7 +88,9 @@ def test_all_layouts_are_detected_and_load_with_automodel(tiny_original_checkpoi
 def test_pretraining_model_matches_reference_decoder_and_loss(tiny_original_checkpoint, tmp_path, norm_pix_loss):
     from transformers import ViTMAEForPreTraining
 
-    out = convert_checkpoint(tiny_original_checkpoint, tmp_path / "out", norm_pix_loss=norm_pix_loss, mask_ratio=0.6, **HEADS)
+    out = convert_checkpoint(
+        tiny_original_checkpoint, tmp_path / "out", norm_pix_loss=norm_pix_loss, mask_ratio=0.6, **HEADS
+    )
     assert set(out.max_abs_diff) == {"encoder_unmasked", "encoder_masked", "decoder_pred", "loss", "mask"}
     model = ViTMAEForPreTraining.from_pretrained(tmp_path / "out").eval()
     assert model.config.norm_pix_loss is norm_pix_loss and model.config.mask_ratio == 0.6

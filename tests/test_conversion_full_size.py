@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import TINY_MAE_KWARGS
 
-from usfmae_hf.conversion import DEFAULT_ATOL, convert_checkpoint, export_original
-from usfmae_hf.reference_mae import ReferenceMAE
+from usfmae_hf.model.conversion import DEFAULT_ATOL, convert_checkpoint, export_original
+from usfmae_hf.model.reference_mae import ReferenceMAE
 
 
 @pytest.mark.slow
@@ -28,9 +28,19 @@ def test_vit_base_mae_converts_verifies_and_round_trips(tmp_path):
     assert set(result.max_abs_diff) == {"encoder_unmasked", "encoder_masked", "decoder_pred", "loss", "mask"}
     assert max(result.max_abs_diff.values()) <= DEFAULT_ATOL
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    expected = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
-                "decoder_hidden_size": 512, "decoder_num_hidden_layers": 8, "decoder_num_attention_heads": 16,
-                "decoder_intermediate_size": 2048, "image_size": 224, "patch_size": 16, "layer_norm_eps": 1e-6}  # fmt: skip
+    expected = {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "decoder_hidden_size": 512,
+        "decoder_num_hidden_layers": 8,
+        "decoder_num_attention_heads": 16,
+        "decoder_intermediate_size": 2048,
+        "image_size": 224,
+        "patch_size": 16,
+        "layer_norm_eps": 1e-6,
+    }
     assert {k: config[k] for k in expected} == expected
 
     export_original(tmp_path / "hf", tmp_path / "back.pth")
@@ -66,7 +76,9 @@ def test_weights_load_identically_in_transformers_4(tiny_model_dir, tmp_path):
         torch.save({{"logits": out.logits, "loss": out.loss, "decoder_pred_weight": model.decoder.decoder_pred.weight}}, {str(tmp_path / "tf4.pt")!r})
         """
     )
-    result = subprocess.run([python, "-c", script], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [python, "-c", script], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     from transformers import ViTMAEForPreTraining
@@ -85,7 +97,7 @@ def test_plain_save_pretrained_decoder_bug_is_what_we_avoid(tiny_mae_config, tmp
     from safetensors import safe_open
     from transformers import ViTMAEForPreTraining
 
-    from usfmae_hf.conversion import save_vitmae_pretrained
+    from usfmae_hf.model.conversion import save_vitmae_pretrained
 
     model = ViTMAEForPreTraining(tiny_mae_config)
     save_vitmae_pretrained(model, tmp_path / "ours")

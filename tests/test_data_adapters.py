@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from usfmae_hf.data import (
+from usfmae_hf.errors import UsfmaeError
+from usfmae_hf.evaluation import (
     BUSBRA_CLASSES,
     MMOTU2D_CLASSES,
     DataLeakageError,
@@ -20,7 +21,6 @@ from usfmae_hf.data import (
     load_gist514,
     load_mmotu2d,
 )
-from usfmae_hf.errors import UsfmaeError
 
 
 def save_noise(path: Path, seed: int, mode: str = "L") -> None:
@@ -30,7 +30,8 @@ def save_noise(path: Path, seed: int, mode: str = "L") -> None:
 
 
 def write_busbra(folder: Path) -> dict:
-    """BUS-BRA as released, into ``folder``: Images/, Masks/, bus_data.csv, 5- and 10-fold CSVs with an image-level validation split."""
+    """BUS-BRA as released, into ``folder``: Images/, Masks/, bus_data.csv, 5- and 10-fold CSVs with an
+    image-level validation split."""
     rows, folds = [], {}
     for case in range(1, 31):
         sides = ["s"] if case % 3 == 0 else ["l", "r"]

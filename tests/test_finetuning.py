@@ -203,7 +203,7 @@ def test_class_weights_and_layer_decay_optimizer(tiny_model_dir, tmp_path):
 
 
 def test_reports_with_a_class_absent_from_the_split(tmp_path):
-    from usfmae_hf.finetuning.reporting import card_results, evaluate_split
+    from usfmae_hf.evaluation.reporting import card_results, evaluate_split
 
     rng = np.random.default_rng(0)
     labels = np.array([0, 1, 0, 1, 0, 1])  # class "c" absent from this split

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from usfmae_hf.cli import main
-from usfmae_hf.hub import PublishError, push_model_dir, validate_model_dir
+from usfmae_hf.publishing.hub import PublishError, push_model_dir, validate_model_dir
 
 SECRET = "hf_usfmaeTestTokenThatMustNeverBePrinted"
 REPO_ID = "tester/usf-mae-tiny"
@@ -57,7 +57,10 @@ def test_missing_files_are_all_listed(model_dir):
 
 def test_sharded_weights_need_every_shard(model_dir):
     (model_dir / "model.safetensors").rename(model_dir / "model-00001-of-00002.safetensors")
-    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"},
+    }
     (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(PublishError, match="model-00002-of-00002.safetensors is not a readable safetensors file"):
         validate_model_dir(model_dir)
@@ -100,7 +103,7 @@ def test_config_and_processor_must_load(model_dir):
 
 
 def test_push_uploads_files_byte_for_byte_and_twice_is_a_noop(model_dir, hub_server):  # noqa: F811
-    from usfmae_hf.cards import REPO_ID_PLACEHOLDER
+    from usfmae_hf.publishing.cards import REPO_ID_PLACEHOLDER
 
     assert f'repo_id = "{REPO_ID_PLACEHOLDER}"' in (model_dir / "README.md").read_text()  # as the converter wrote it
     commit = push_model_dir(model_dir, REPO_ID, endpoint=hub_server.url, token=SECRET, private=True)
@@ -124,10 +127,15 @@ def test_push_to_new_branch_and_as_pull_request(model_dir, hub_server):  # noqa:
     push_model_dir(model_dir, REPO_ID, endpoint=hub_server.url, token=SECRET)
     (model_dir / "README.md").write_text((model_dir / "README.md").read_text() + "\nRevised.\n")
 
-    push_model_dir(model_dir, REPO_ID, revision="v2", endpoint=hub_server.url, token=SECRET, commit_message="Revise card")
+    push_model_dir(
+        model_dir, REPO_ID, revision="v2", endpoint=hub_server.url, token=SECRET, commit_message="Revise card"
+    )
     assert hub_server.files(REPO_ID, "v2")["README.md"].endswith(b"Revised.\n")
     assert not hub_server.files(REPO_ID, "main")["README.md"].endswith(b"Revised.\n")
-    assert hub_server.repos[("model", REPO_ID)].commits[hub_server.repos[("model", REPO_ID)].refs["v2"]].message == "Revise card"
+    assert (
+        hub_server.repos[("model", REPO_ID)].commits[hub_server.repos[("model", REPO_ID)].refs["v2"]].message
+        == "Revise card"
+    )
 
     commit = push_model_dir(model_dir, REPO_ID, create_pr=True, endpoint=hub_server.url, token=SECRET)
     assert commit.pr_url.endswith(f"{REPO_ID}/discussions/1")
@@ -203,9 +211,8 @@ def test_cli_push_prints_commit_url_never_the_token(model_dir, hub_server, capsy
 
 def test_hub_server_lfs_upload_listing_and_download(model_dir, tmp_path, monkeypatch):
     """The test server's Git LFS path (used by e.g. ``datasets``' push_to_hub) and its listings."""
-    from huggingface_hub import HfApi, constants, hf_hub_download
-
     from hub_server import HubServer
+    from huggingface_hub import HfApi, constants, hf_hub_download
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # hf_xet would use the Xet protocol for LFS files
@@ -219,7 +226,10 @@ def test_hub_server_lfs_upload_listing_and_download(model_dir, tmp_path, monkeyp
         assert set(tree) == {".gitattributes", "weights", *(f"weights/{name}" for name in local_files(model_dir))}
         assert tree["weights/model.safetensors"].lfs is not None and tree["weights/config.json"].lfs is None
         assert [f.path for f in api.list_repo_tree(REPO_ID)] == [".gitattributes", "weights"]
-        assert sorted(f.path for f in api.get_paths_info(REPO_ID, ["weights", "weights/README.md", "absent"])) == ["weights", "weights/README.md"]
+        assert sorted(f.path for f in api.get_paths_info(REPO_ID, ["weights", "weights/README.md", "absent"])) == [
+            "weights",
+            "weights/README.md",
+        ]
         path = hf_hub_download(REPO_ID, "weights/model.safetensors", endpoint=server.url, cache_dir=tmp_path / "cache")
         assert Path(path).read_bytes() == (model_dir / "model.safetensors").read_bytes()
 
@@ -229,8 +239,8 @@ def custom_code_classifier_dir(tiny_vit_dir, tmp_path) -> Path:
     """A mean-head classifier as fine-tuning saves it: its own modeling code, config ``auto_map``, a card."""
     from transformers import AutoImageProcessor
 
-    from usfmae_hf.cards import render_model_card
     from usfmae_hf.finetuning import build_classifier
+    from usfmae_hf.publishing.cards import render_model_card
 
     folder = tmp_path / "classifier"
     model = build_classifier(tiny_vit_dir, ["benign", "malignant"], head="mean")
@@ -255,7 +265,7 @@ def test_from_pretrained_downloads_what_was_pushed(model_dir, custom_code_classi
         f"""
         from safetensors.torch import save_file
         from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification
-        from usfmae_hf.hub import validate_model_dir
+        from usfmae_hf.publishing.hub import validate_model_dir
 
         validate_model_dir({str(custom_code_classifier_dir)!r})
         model = AutoModel.from_pretrained({REPO_ID!r})

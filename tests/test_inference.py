@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from usfmae_hf.errors import UsfmaeError
-from usfmae_hf.inference import extract_features, load_encoder, processor_for, reconstruct
-from usfmae_hf.preprocessing import build_image_processor
+from usfmae_hf.image.processor import build_image_processor
+from usfmae_hf.inference.features import extract_features, load_encoder, processor_for, reconstruct
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,16 @@ def timm_encoder(checkpoint_path):
     from timm.models.vision_transformer import VisionTransformer
 
     model = VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2, qkv_bias=True,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_classes=0, global_pool="",
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=2,
+        qkv_bias=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_classes=0,
+        global_pool="",
     )
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     encoder_state = {k: v for k, v in state.items() if not k.startswith(("decoder", "mask_token"))}
@@ -53,9 +61,15 @@ def test_both_converted_flavours_load_the_same_encoder(tiny_model_dir, tiny_vit_
 def test_tokens_match_timm_on_the_original_weights(encoder, tiny_original_checkpoint, pixel_values):
     with torch.no_grad():
         reference = timm_encoder(tiny_original_checkpoint).forward_features(pixel_values)
-    torch.testing.assert_close(extract_features(encoder, pixel_values, pooling="cls"), reference[:, 0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(extract_features(encoder, pixel_values, pooling="patches"), reference[:, 1:], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(extract_features(encoder, pixel_values, pooling="mean"), reference[:, 1:].mean(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        extract_features(encoder, pixel_values, pooling="cls"), reference[:, 0], rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        extract_features(encoder, pixel_values, pooling="patches"), reference[:, 1:], rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        extract_features(encoder, pixel_values, pooling="mean"), reference[:, 1:].mean(1), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_tokens_match_unshuffled_vitmae_model(tiny_model_dir, encoder, pixel_values):
@@ -79,7 +93,9 @@ def test_all_input_kinds_and_batch_sizes_agree(encoder, images, pixel_values, tm
         Image.fromarray(image).save(paths[-1])
     for batch in (images, [Image.fromarray(a) for a in images], paths, [str(p) for p in paths]):
         for batch_size in (1, 2, 32):
-            torch.testing.assert_close(extract_features(encoder, batch, batch_size=batch_size), reference, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                extract_features(encoder, batch, batch_size=batch_size), reference, rtol=1e-5, atol=1e-6
+            )
     torch.testing.assert_close(extract_features(encoder, images[1]), reference[1:2], rtol=1e-5, atol=1e-6)
     # identical (bit for bit) on every call
     assert torch.equal(extract_features(encoder, images, batch_size=2), extract_features(encoder, images, batch_size=2))

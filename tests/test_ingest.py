@@ -15,7 +15,7 @@ from PIL import Image
 from usfmae_hf import ingest as ingest_module
 from usfmae_hf.cli import main
 from usfmae_hf.errors import UsfmaeError
-from usfmae_hf.ingest import IngestOptions, NearDuplicateIndex, ingest
+from usfmae_hf.ingest.build import IngestOptions, NearDuplicateIndex, ingest
 
 RESIZE = 24
 

@@ -53,9 +53,7 @@ def independent_palette(path) -> np.ndarray:
     entries, first, bits = ds.RedPaletteColorLookupTableDescriptor
     assert bits == 16
     index = np.clip(ds.pixel_array.astype(np.int64) - first, 0, (entries or 65536) - 1)
-    luts = [
-        np.frombuffer(ds[f"{c}PaletteColorLookupTableData"].value, dtype="<u2") for c in ("Red", "Green", "Blue")
-    ]
+    luts = [np.frombuffer(ds[f"{c}PaletteColorLookupTableData"].value, dtype="<u2") for c in ("Red", "Green", "Blue")]
     return np.stack([(lut[index] >> 8).astype(np.uint8) for lut in luts], axis=-1)
 
 

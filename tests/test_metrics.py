@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from usfmae_hf.metrics import classification_report, compute_metrics, json_ready, load_classification_metric, softmax
+from usfmae_hf.evaluation.metrics import (
+    classification_report,
+    compute_metrics,
+    json_ready,
+    load_classification_metric,
+    softmax,
+)
 
 
 @pytest.fixture(scope="module")

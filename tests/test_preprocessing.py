@@ -10,15 +10,15 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from usfmae_hf.io import load_frames, load_image
-from usfmae_hf.preprocessing import (
+from usfmae_hf.image.cleanup import crop_to_scan_area, remove_annotations
+from usfmae_hf.image.processor import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     UltrasoundImageProcessor,
     build_image_processor,
     load_image_processor,
 )
-from usfmae_hf.ultrasound import crop_to_scan_area, remove_annotations
+from usfmae_hf.io import load_frames, load_image
 
 
 def usfmae_eval_transform(size: int):

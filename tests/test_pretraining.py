@@ -55,15 +55,22 @@ def image_dir(tmp_path_factory) -> Path:
 def _args(model: list[str], image_dir: Path, output: Path, *extra: str) -> list[str]:
     return [
         *model,
-        "--train_dir", str(image_dir),
-        "--output_dir", str(output),
-        "--dataloader_num_workers", "0",
-        "--mixed_precision", "no",
-        "--num_reconstruction_images", "2",
-        "--max_bad_fraction", "0.1",
-        "--seed", "3",
+        "--train_dir",
+        str(image_dir),
+        "--output_dir",
+        str(output),
+        "--dataloader_num_workers",
+        "0",
+        "--mixed_precision",
+        "no",
+        "--num_reconstruction_images",
+        "2",
+        "--max_bad_fraction",
+        "0.1",
+        "--seed",
+        "3",
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 def _losses(output: Path) -> list[float]:
@@ -170,16 +177,39 @@ def test_recipe_presets_fill_only_unset_flags():
     assert apply_recipe(model_args, args, cuda_available=False) == [] and args.mixed_precision == "bf16"
     model_args, _, args = parser.parse_args_into_dataclasses(["--output_dir", "x"])
     apply_recipe(model_args, args, cuda_available=True)
-    assert (args.mixed_precision, args.adam_beta2, args.warmup_ratio, model_args.norm_pix_loss) == ("bf16", 0.999, 0.1, False)
+    assert (args.mixed_precision, args.adam_beta2, args.warmup_ratio, model_args.norm_pix_loss) == (
+        "bf16",
+        0.999,
+        0.1,
+        False,
+    )
 
 
 # ---------------------------------------------------------------- end-to-end runs
 
+
 def _run_flags(accumulation: int) -> list[str]:
     """4 optimizer steps of 4-image micro-batches, checkpoints at steps 2 and 4 (keeping 1)."""
-    return ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", str(accumulation),
-            "--max_steps", "4", "--checkpointing_steps", "2", "--save_total_limit", "1",
-            "--base_learning_rate", "1e-2", "--warmup_steps", "2", "--min_lr", "1e-5", "--logging_steps", "1"]  # fmt: skip
+    return [
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        str(accumulation),
+        "--max_steps",
+        "4",
+        "--checkpointing_steps",
+        "2",
+        "--save_total_limit",
+        "1",
+        "--base_learning_rate",
+        "1e-2",
+        "--warmup_steps",
+        "2",
+        "--min_lr",
+        "1e-5",
+        "--logging_steps",
+        "1",
+    ]
 
 
 RUN = _run_flags(accumulation=2)  # 8 images per step in one process
@@ -244,7 +274,10 @@ def test_too_many_bad_images_fails_loudly(config_file, image_dir, tmp_path, caps
 
 
 def test_continued_pretraining_needs_a_decoder(tiny_vit_dir, image_dir, tmp_path):
-    assert main(["--model_name_or_path", str(tiny_vit_dir), "--train_dir", str(image_dir), "--output_dir", str(tmp_path)]) == 2
+    assert (
+        main(["--model_name_or_path", str(tiny_vit_dir), "--train_dir", str(image_dir), "--output_dir", str(tmp_path)])
+        == 2
+    )
 
 
 # ---------------------------------------------------------------- resume after SIGKILL
@@ -302,9 +335,24 @@ def test_two_processes_match_one_process(reference_run, tiny_model_dir, image_di
     relative (only the reduction order differs); only rank 0 writes."""
     double = tmp_path / "double"
     run = _run_flags(accumulation=1)  # 8 images per step: 4 on each of 2 processes
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-               str(SCRIPT), *_args(["--model_name_or_path", str(tiny_model_dir)], image_dir, double, *run)]  # fmt: skip
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(SCRIPT),
+        *_args(["--model_name_or_path", str(tiny_model_dir)], image_dir, double, *run),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -341,7 +389,7 @@ def parquet_build(image_dir, tmp_path_factory) -> Path:
 
 
 def test_dataset_dir_source_skips_corrupt_images(parquet_build):
-    from usfmae_hf.augment import build_train_transform
+    from usfmae_hf.image.augment import build_train_transform
     from usfmae_hf.pretraining.data import MapStyleImages, SampleMaker, load_source
 
     source, column = load_source(dataset_dir=str(parquet_build), train_dir=None, dataset_name=None)
@@ -358,8 +406,17 @@ def test_dataset_dir_source_skips_corrupt_images(parquet_build):
 
 def test_streaming_run_with_augmentation_on_device(parquet_build, config_file, image_dir, tmp_path):
     output = tmp_path / "stream"
-    args = _args(["--config_name", str(config_file)], parquet_build, output, "--streaming", "--shuffle_buffer_size", "8",
-                 "--augment_on_device", "--validation_dir", str(image_dir))  # fmt: skip
+    args = _args(
+        ["--config_name", str(config_file)],
+        parquet_build,
+        output,
+        "--streaming",
+        "--shuffle_buffer_size",
+        "8",
+        "--augment_on_device",
+        "--validation_dir",
+        str(image_dir),
+    )
     args[args.index("--train_dir")] = "--dataset_dir"
     assert main(args + ["--per_device_train_batch_size", "4", "--max_steps", "3", "--warmup_steps", "1"]) == 0
     assert [r["step"] for r in _records(output)] == [1, 2, 3]

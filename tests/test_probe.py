@@ -13,8 +13,8 @@ from PIL import Image
 from test_finetuning import make_speckle_folders
 
 from usfmae_hf.cli import main
-from usfmae_hf.finetuning.crossval import summarize_folds
-from usfmae_hf.probe import build_probe, class_probabilities
+from usfmae_hf.evaluation.crossval import summarize_folds
+from usfmae_hf.evaluation.probe import build_probe, class_probabilities
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +124,23 @@ def fake_gist514(tmp_path_factory) -> Path:
 
 
 def _cv(model: Path, data_root: Path, output: Path, *flags: str) -> int:
-    return main(["cv", "--model", str(model), "--task", "gist514", "--data-root", str(data_root), "--folds", "0", "1",
-                 "--output-dir", str(output), *flags])  # fmt: skip
+    return main(
+        [
+            "cv",
+            "--model",
+            str(model),
+            "--task",
+            "gist514",
+            "--data-root",
+            str(data_root),
+            "--folds",
+            "0",
+            "1",
+            "--output-dir",
+            str(output),
+            *flags,
+        ]
+    )
 
 
 def test_cv_over_task_folds(tiny_model_dir, fake_gist514, tmp_path):

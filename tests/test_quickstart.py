@@ -14,8 +14,10 @@ def test_quickstart_smoke_run_produces_loadable_outputs(tmp_path):
     out = tmp_path / "quickstart-output"
     result = subprocess.run(
         [sys.executable, "-m", "usfmae_hf.cli", "quickstart", "--output", str(out), "--smoke"],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     for number in range(1, 8):
         assert f"[{number}/7]" in result.stdout  # visible progress through every stage
@@ -35,14 +37,22 @@ def test_quickstart_smoke_run_produces_loadable_outputs(tmp_path):
         assert (out / figure).stat().st_size > 1000, figure
     assert (out / "features.parquet").stat().st_size > 0
     report = (out / "REPORT.md").read_text()
-    for section in ("## Steps and exact commands", "usfmae ingest", "usfmae convert", "training/pretrain_mae.py",
-                    "training/finetune_classification.py", "## The same on the real USF-MAE release"):  # fmt: skip
+    for section in (
+        "## Steps and exact commands",
+        "usfmae ingest",
+        "usfmae convert",
+        "training/pretrain_mae.py",
+        "training/finetune_classification.py",
+        "## The same on the real USF-MAE release",
+    ):
         assert section in report
     assert "validation_accuracy" in report
 
 
 def test_quickstart_refuses_a_non_empty_output(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
-    result = subprocess.run([sys.executable, "-m", "usfmae_hf.cli", "quickstart", "--output", str(tmp_path)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "usfmae_hf.cli", "quickstart", "--output", str(tmp_path)], capture_output=True, text=True
+    )
     assert result.returncode == 2 and "not empty" in result.stderr and "Traceback" not in result.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"

@@ -29,9 +29,18 @@ README = ROOT / "README.md"
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
 
 # Tiny but preset-compatible: width 192 -> 3 heads, decoder width 64 -> 16 heads.
-README_MAE = dict(image_size=32, patch_size=8, hidden_size=192, num_hidden_layers=1, num_attention_heads=3,
-                  intermediate_size=384, decoder_hidden_size=64, decoder_num_hidden_layers=1,
-                  decoder_num_attention_heads=16, decoder_intermediate_size=128)  # fmt: skip
+README_MAE = dict(
+    image_size=32,
+    patch_size=8,
+    hidden_size=192,
+    num_hidden_layers=1,
+    num_attention_heads=3,
+    intermediate_size=384,
+    decoder_hidden_size=64,
+    decoder_num_hidden_layers=1,
+    decoder_num_attention_heads=16,
+    decoder_intermediate_size=128,
+)
 
 REDUCED_SIZE = [
     (r"--num_train_epochs \d+", "--max_steps 2"),
@@ -46,7 +55,11 @@ def readme_blocks() -> list[tuple[str, str]]:
 
 
 def bash_commands(body: str) -> list[str]:
-    return [line.strip() for line in body.replace("\\\n", " ").splitlines() if line.strip() and not line.strip().startswith("#")]
+    return [
+        line.strip()
+        for line in body.replace("\\\n", " ").splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
 
 
 def free_port() -> int:
@@ -90,7 +103,7 @@ def _drop_multi_node(argv: list[str]) -> list[str]:
 
 @pytest.fixture
 def workspace(tmp_path, ultrasound_dicoms):
-    from usfmae_hf.reference_mae import ReferenceMAE
+    from usfmae_hf.model.reference_mae import ReferenceMAE
 
     torch.manual_seed(0)
     torch.save(ReferenceMAE.from_hf_config_kwargs(README_MAE).state_dict(), tmp_path / "USF-MAE_100ep.pth")
@@ -125,7 +138,9 @@ def test_readme_newcomer_test_command_is_what_ci_runs():
     assert test_command.split(" && ")[1] in ci  # the same pytest invocation
     assert 'pip install -e ".[dev]"' in ci
     main_job = next(cmd for cmd in commands if "quickstart" in cmd)
-    assert main_job == 'pip install -e ".[dev]" && usfmae quickstart --output quickstart-output'  # run by test_quickstart.py
+    assert (
+        main_job == 'pip install -e ".[dev]" && usfmae quickstart --output quickstart-output'
+    )  # run by test_quickstart.py
 
 
 @pytest.mark.slow
@@ -142,7 +157,9 @@ def test_every_readme_command_and_snippet_runs(workspace, hub_server):
     ran = []
     for lang, body in readme_blocks():
         if lang == "python":
-            result = subprocess.run([sys.executable, "-c", body], cwd=workspace, env=env, capture_output=True, text=True, timeout=600)
+            result = subprocess.run(
+                [sys.executable, "-c", body], cwd=workspace, env=env, capture_output=True, text=True, timeout=600
+            )
             ran.append(body.splitlines()[0])
             assert result.returncode == 0, f"README snippet failed:\n{body}\n{result.stderr[-3000:]}"
             continue
@@ -151,9 +168,13 @@ def test_every_readme_command_and_snippet_runs(workspace, hub_server):
         for command in bash_commands(body):
             if command.startswith("pip install"):
                 continue  # the newcomer commands: .ci/run and test_quickstart.py run them
-            result = subprocess.run(reduce(command), cwd=workspace, env=env, capture_output=True, text=True, timeout=900)
+            result = subprocess.run(
+                reduce(command), cwd=workspace, env=env, capture_output=True, text=True, timeout=900
+            )
             ran.append(command)
-            assert result.returncode == 0, f"README command failed: {command}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+            assert result.returncode == 0, (
+                f"README command failed: {command}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+            )
     assert len(ran) >= 18
     assert (workspace / "usf-mae-vit-base" / "model.safetensors").is_file()
     assert (workspace / "runs" / "pretrain-nodes" / "final" / "config.json").is_file()

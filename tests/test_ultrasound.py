@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
+from usfmae_hf.image.cleanup import annotation_mask, crop_to_scan_area, remove_annotations, scan_area_box
 from usfmae_hf.io import load_image
-from usfmae_hf.ultrasound import annotation_mask, crop_to_scan_area, remove_annotations, scan_area_box
 
 
 def rgb(path) -> np.ndarray:

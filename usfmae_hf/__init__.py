@@ -9,20 +9,23 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .version import __version__
+from usfmae_hf import _moved
+from usfmae_hf.version import __version__
+
+_moved.install()
 
 # public name -> module that defines it
 _LAZY_EXPORTS = {
-    "convert_checkpoint": "usfmae_hf.conversion",
-    "export_original": "usfmae_hf.conversion",
-    "load_original_checkpoint": "usfmae_hf.checkpoints",
+    "convert_checkpoint": "usfmae_hf.model.conversion",
+    "export_original": "usfmae_hf.model.conversion",
+    "load_original_checkpoint": "usfmae_hf.model.checkpoints",
     "load_frames": "usfmae_hf.io",
     "load_image": "usfmae_hf.io",
     "expand_inputs": "usfmae_hf.io",
-    "write_features": "usfmae_hf.inference",
-    "load_encoder": "usfmae_hf.inference",
-    "extract_features": "usfmae_hf.inference",
-    "reconstruct": "usfmae_hf.inference",
+    "write_features": "usfmae_hf.inference.features",
+    "load_encoder": "usfmae_hf.inference.features",
+    "extract_features": "usfmae_hf.inference.features",
+    "reconstruct": "usfmae_hf.inference.features",
 }
 
 __all__ = ["__version__", *_LAZY_EXPORTS]

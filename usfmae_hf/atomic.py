@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import OutputExistsError
+from usfmae_hf.errors import OutputExistsError
 
 
 @contextlib.contextmanager

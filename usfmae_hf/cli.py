@@ -13,9 +13,9 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
-from . import commands
-from .errors import UsfmaeError
-from .version import __version__
+from usfmae_hf import commands
+from usfmae_hf.errors import UsfmaeError
+from usfmae_hf.version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:

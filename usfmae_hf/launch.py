@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import UsfmaeError
+from usfmae_hf.errors import UsfmaeError
 
 
 def run_from_command_line(

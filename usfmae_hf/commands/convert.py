@@ -8,24 +8,58 @@ from pathlib import Path
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of the conversion, shared by ``usfmae convert`` and ``conversion/convert_usfmae_to_hf.py``."""
-    parser.add_argument("checkpoint", type=Path, help="original checkpoint: .pt/.pth (bare state dict, {'model': ...} or encoder-only) or .safetensors")
-    parser.add_argument("--output", "-o", type=Path, required=True, help="model directory to create (written atomically)")
     parser.add_argument(
-        "--format", dest="output_format", choices=("vitmae", "vit"), default="vitmae",
+        "checkpoint",
+        type=Path,
+        help="original checkpoint: .pt/.pth (bare state dict, {'model': ...} or encoder-only) or .safetensors",
+    )
+    parser.add_argument(
+        "--output", "-o", type=Path, required=True, help="model directory to create (written atomically)"
+    )
+    parser.add_argument(
+        "--format",
+        dest="output_format",
+        choices=("vitmae", "vit"),
+        default="vitmae",
         help="vitmae: ViTMAEForPreTraining with decoder (AutoModel gives ViTMAEModel); "
-        "vit: encoder-only ViTModel without pooler, for feature extraction and ViTForImageClassification (default: vitmae)",
-    )  # fmt: skip
-    parser.add_argument("--norm-pix-loss", action="store_true", help="the checkpoint was trained on per-patch normalised pixels (Meta's MAE releases; USF-MAE was not)")
-    parser.add_argument("--mask-ratio", type=float, default=0.75, help="masking ratio recorded in the config for pretraining (default: 0.75)")
-    parser.add_argument("--num-attention-heads", type=int, default=None, help="encoder heads (default: ViT preset for the width, e.g. 12 for 768)")
-    parser.add_argument("--decoder-num-attention-heads", type=int, default=None, help="decoder heads (default: 16, as every released MAE)")
+        "vit: encoder-only ViTModel without pooler, for feature extraction and ViTForImageClassification "
+        "(default: vitmae)",
+    )
+    parser.add_argument(
+        "--norm-pix-loss",
+        action="store_true",
+        help="the checkpoint was trained on per-patch normalised pixels (Meta's MAE releases; USF-MAE was not)",
+    )
+    parser.add_argument(
+        "--mask-ratio",
+        type=float,
+        default=0.75,
+        help="masking ratio recorded in the config for pretraining (default: 0.75)",
+    )
+    parser.add_argument(
+        "--num-attention-heads",
+        type=int,
+        default=None,
+        help="encoder heads (default: ViT preset for the width, e.g. 12 for 768)",
+    )
+    parser.add_argument(
+        "--decoder-num-attention-heads",
+        type=int,
+        default=None,
+        help="decoder heads (default: 16, as every released MAE)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the number-for-number check against the reference implementation")
+    parser.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip the number-for-number check against the reference implementation",
+    )
     return parser
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from ..conversion import convert_checkpoint
+    from usfmae_hf.model.conversion import convert_checkpoint
 
     result = convert_checkpoint(
         args.checkpoint,
@@ -40,25 +74,34 @@ def run_convert(args: argparse.Namespace) -> int:
     )
     print(f"detected layout: {result.layout}")
     if result.max_abs_diff:
-        print("verified against the reference MAE (max abs diff): " + ", ".join(f"{k} {v:.2e}" for k, v in result.max_abs_diff.items()))
+        print(
+            "verified against the reference MAE (max abs diff): "
+            + ", ".join(f"{k} {v:.2e}" for k, v in result.max_abs_diff.items())
+        )
     else:
         print("verification skipped (--no-verify)")
     if result.layout == "encoder_only" or args.output_format == "vit":
-        print("encoder-only directory: AutoModel gives the encoder; there is no decoder for reconstruction or pretraining")
+        print(
+            "encoder-only directory: AutoModel gives the encoder; there is no decoder for reconstruction or pretraining"
+        )
     print(f"wrote {result.output_dir}")
     return 0
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``usfmae export-original`` and ``conversion/convert_hf_to_original.py``."""
-    parser.add_argument("model_dir", type=Path, help="a directory written by 'usfmae convert' (or any ViTMAE/ViT directory)")
-    parser.add_argument("--output", "-o", type=Path, required=True, help="original-layout state dict file to write (.pth)")
+    parser.add_argument(
+        "model_dir", type=Path, help="a directory written by 'usfmae convert' (or any ViTMAE/ViT directory)"
+    )
+    parser.add_argument(
+        "--output", "-o", type=Path, required=True, help="original-layout state dict file to write (.pth)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return parser
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from ..conversion import export_original
+    from usfmae_hf.model.conversion import export_original
 
     print(f"wrote {export_original(args.model_dir, args.output, overwrite=args.overwrite)}")
     return 0
@@ -66,13 +109,15 @@ def run_export(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     convert = subparsers.add_parser(
-        "convert", help="convert an original MAE/USF-MAE checkpoint to a Hugging Face model directory",
+        "convert",
+        help="convert an original MAE/USF-MAE checkpoint to a Hugging Face model directory",
         description="Convert an original MAE/USF-MAE checkpoint into config.json + model.safetensors + "
         "preprocessor_config.json + model card, verified against an independent implementation.",
-    )  # fmt: skip
+    )
     add_convert_arguments(convert).set_defaults(func=run_convert)
     export = subparsers.add_parser(
-        "export-original", help="write a converted directory back in the original MAE key layout",
+        "export-original",
+        help="write a converted directory back in the original MAE key layout",
         description="Write the original MAE state dict (qkv merged) from a converted directory.",
-    )  # fmt: skip
+    )
     add_export_arguments(export).set_defaults(func=run_export)

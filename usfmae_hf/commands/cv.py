@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .probe import TASKS, add_output_arguments, add_probe_arguments, probe_kwargs
+from usfmae_hf.commands.probe import TASKS, add_output_arguments, add_probe_arguments, probe_kwargs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,10 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..atomic import atomic_write_text
-    from ..errors import UsfmaeError
-    from ..finetuning.crossval import format_summary, summarize_folds
-    from ..metrics import json_ready
+    from usfmae_hf.atomic import atomic_write_text
+    from usfmae_hf.errors import UsfmaeError
+    from usfmae_hf.evaluation.crossval import format_summary, summarize_folds
+    from usfmae_hf.evaluation.metrics import json_ready
 
     extra = args.finetune_args[1:] if args.finetune_args[:1] == ["--"] else args.finetune_args
     if extra and args.cv_method != "finetune":
@@ -93,14 +93,14 @@ def run(args: argparse.Namespace) -> int:
 def _run_fold(args: argparse.Namespace, fold: int, output: Path, extra: list[str]) -> dict:
     data = {"task": args.task, "data_root": args.data_root, "fold": fold}
     if args.cv_method == "probe":
-        from ..probe import run_probe
+        from usfmae_hf.evaluation.probe import run_probe
 
         return run_probe(args.model, output, data=data, overwrite=args.overwrite, **probe_kwargs(args))
 
     from transformers import HfArgumentParser, TrainingArguments
 
-    from ..errors import OutputExistsError
-    from ..finetuning.run import DataArguments, ModelArguments, run_finetuning
+    from usfmae_hf.errors import OutputExistsError
+    from usfmae_hf.finetuning.run import DataArguments, ModelArguments, run_finetuning
 
     if output.exists() and not args.overwrite:
         raise OutputExistsError(f"{output} already exists (pass --overwrite to replace it)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..catalogue import GENERIC_EXCLUDE_GLOBS, GENERIC_SKIP_DIRS, find_entry, load_catalogue
+from usfmae_hf.ingest.catalogue import GENERIC_EXCLUDE_GLOBS, GENERIC_SKIP_DIRS, find_entry, load_catalogue
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -13,7 +13,7 @@ def run_features(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from ..inference import write_features
+    from usfmae_hf.inference.features import write_features
 
     result = write_features(
         args.inputs,
@@ -46,19 +46,34 @@ def register(subparsers) -> None:
         "after an interruption resumes.",
     )
     parser.add_argument("inputs", nargs="+", help="files, folders (searched recursively) or quoted glob patterns")
-    parser.add_argument("--model", "-m", type=Path, required=True, help="converted model directory (vitmae or vit format)")
     parser.add_argument(
-        "--output", "-o", type=Path, required=True,
+        "--model", "-m", type=Path, required=True, help="converted model directory (vitmae or vit format)"
+    )
+    parser.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        required=True,
         help="FILE.parquet (columns path, frame, features) or FILE.npy (array; rows listed in FILE.csv)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--pooling", choices=("cls", "mean", "patches"), default="cls",
+        "--pooling",
+        choices=("cls", "mean", "patches"),
+        default="cls",
         help="cls: CLS token; mean: mean of patch tokens; patches: all patch tokens in spatial order (default: cls)",
-    )  # fmt: skip
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="frames per forward pass (default: 32)")
-    parser.add_argument("--frame-stride", type=int, default=1, help="keep every n-th frame of cines and videos (default: 1)")
+    parser.add_argument(
+        "--frame-stride", type=int, default=1, help="keep every n-th frame of cines and videos (default: 1)"
+    )
     parser.add_argument("--slice-stride", type=int, default=1, help="keep every n-th slice of 3-D volumes (default: 1)")
-    parser.add_argument("--axis", type=int, choices=(0, 1, 2), default=0, help="volume axis to slice along, in (z, y, x) order (default: 0)")
+    parser.add_argument(
+        "--axis",
+        type=int,
+        choices=(0, 1, 2),
+        default=0,
+        help="volume axis to slice along, in (z, y, x) order (default: 0)",
+    )
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default: float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")

@@ -82,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..ingest import IngestOptions, ingest, push_build_to_hub
+    from usfmae_hf.ingest.build import IngestOptions, ingest, push_build_to_hub
 
     options = IngestOptions(
         resize=args.resize,

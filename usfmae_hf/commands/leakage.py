@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.leakage import find_shared_images
+    from usfmae_hf.evaluation.leakage import find_shared_images
 
     shared = find_shared_images(args.build, args.against)
     for other, pairs in shared.items():

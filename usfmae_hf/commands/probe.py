@@ -124,7 +124,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..probe import run_probe
+    from usfmae_hf.evaluation.probe import run_probe
 
     results = run_probe(
         args.model, args.output_dir, data=data_kwargs(args, args.fold), overwrite=args.overwrite, **probe_kwargs(args)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..quickstart import QuickstartSettings, run_quickstart
+    from usfmae_hf.quickstart.runner import QuickstartSettings, run_quickstart
 
     settings = QuickstartSettings()
     if args.smoke:
@@ -23,14 +23,19 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "quickstart", help="run the whole lifecycle on real ultrasound DICOMs and write a report",
+        "quickstart",
+        help="run the whole lifecycle on real ultrasound DICOMs and write a report",
         description="Ingest the real ultrasound DICOMs of pydicom-data, convert a small MAE, continue "
         "pretraining it, extract features and a reconstruction, fine-tune a classifier, and write "
         "REPORT.md with figures, metrics and the commands for the real USF-MAE release.",
-    )  # fmt: skip
+    )
     parser.add_argument("--output", "-o", type=Path, required=True, help="directory for every output and REPORT.md")
     parser.add_argument("--overwrite", action="store_true", help="empty a non-empty output directory first")
-    parser.add_argument("--pretrain-steps", type=int, default=None, help="optimizer steps of continued pretraining (default: 200)")
-    parser.add_argument("--finetune-steps", type=int, default=None, help="optimizer steps of fine-tuning (default: 150)")
+    parser.add_argument(
+        "--pretrain-steps", type=int, default=None, help="optimizer steps of continued pretraining (default: 200)"
+    )
+    parser.add_argument(
+        "--finetune-steps", type=int, default=None, help="optimizer steps of fine-tuning (default: 150)"
+    )
     parser.add_argument("--smoke", action="store_true", help="reduced size for CI: 4 steps each, every 20th cine frame")
     parser.set_defaults(func=run)

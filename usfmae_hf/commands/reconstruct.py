@@ -7,9 +7,9 @@ from pathlib import Path
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
-    from ..errors import OutputExistsError, UnreadableImageError
-    from ..inference import reconstruct
-    from ..io import load_frames
+    from usfmae_hf.errors import OutputExistsError, UnreadableImageError
+    from usfmae_hf.inference.features import reconstruct
+    from usfmae_hf.io import load_frames
 
     if args.output.exists() and not args.overwrite:
         raise OutputExistsError(f"{args.output} already exists (pass --overwrite to replace it)")
@@ -30,7 +30,9 @@ def register(subparsers) -> None:
         "with the visible patches pasted back.",
     )
     parser.add_argument("input", type=Path, help="image, DICOM, volume or video file")
-    parser.add_argument("--model", "-m", type=Path, required=True, help="converted vitmae model directory (with decoder)")
+    parser.add_argument(
+        "--model", "-m", type=Path, required=True, help="converted vitmae model directory (with decoder)"
+    )
     parser.add_argument("--output", "-o", type=Path, required=True, help="PNG file to write")
     parser.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches to hide (default: 0.75)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random mask (default: 0)")

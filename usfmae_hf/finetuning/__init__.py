@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModelForImageClassification
 
-from .heads import HEADS, build_classifier, label_maps
-from .modeling_usfmae import UsfmaeClassifierConfig, UsfmaeForImageClassification
+from usfmae_hf.finetuning.heads import HEADS, build_classifier, label_maps
+from usfmae_hf.finetuning.modeling_usfmae import UsfmaeClassifierConfig, UsfmaeForImageClassification
 
 AutoConfig.register(UsfmaeClassifierConfig.model_type, UsfmaeClassifierConfig, exist_ok=True)
 AutoModelForImageClassification.register(UsfmaeClassifierConfig, UsfmaeForImageClassification, exist_ok=True)

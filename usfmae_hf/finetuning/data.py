@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import UnreadableImageError, UsfmaeError
+from usfmae_hf.errors import UnreadableImageError, UsfmaeError
 
 logger = logging.getLogger(__name__)
 
 EVAL_SPLITS = ("validation", "test")
-# --task name -> (adapter in usfmae_hf.data, its fold keyword or None, display name for model cards)
+# --task name -> (adapter in usfmae_hf.evaluation, its fold keyword or None, display name for model cards)
 TASKS: dict[str, tuple[str, str | None, str]] = {
     "busbra": ("load_busbra", "fold", "BUS-BRA"),
     "mmotu2d": ("load_mmotu2d", None, "MMOTU-2D"),
@@ -90,7 +90,7 @@ def task_display_name(task: str) -> str:
 
 
 def _load_task(task: str, data_root: str | None, fold: int | None):
-    from .. import data
+    from usfmae_hf.evaluation import adapters
 
     if task not in TASKS:
         raise UsfmaeError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
@@ -102,7 +102,7 @@ def _load_task(task: str, data_root: str | None, fold: int | None):
         if fold_keyword is None:
             raise UsfmaeError(f"{display} has a single official split; --fold does not apply")
         kwargs[fold_keyword] = fold
-    return getattr(data, loader_name)(data_root, **kwargs)
+    return getattr(adapters, loader_name)(data_root, **kwargs)
 
 
 def _with_folder_ids(dataset, root: Path):
@@ -198,7 +198,7 @@ def with_transforms(dataset, *, image_size: int, augment: str | None):
     """Attach on-the-fly transforms: ``augment`` recipe (or none) on train, USF-MAE's eval transform elsewhere."""
     from datasets import DatasetDict
 
-    from ..augment import build_eval_transform, build_train_transform
+    from usfmae_hf.image.augment import build_eval_transform, build_train_transform
 
     eval_transform = build_eval_transform(image_size)
     train_transform = build_train_transform(augment, image_size) if augment else eval_transform

@@ -14,9 +14,9 @@ from typing import Literal
 
 from transformers import AutoConfig, PreTrainedModel
 
-from ..errors import CheckpointError
-from ..loading import quiet_loading_report
-from .modeling_usfmae import UsfmaeClassifierConfig, UsfmaeForImageClassification
+from usfmae_hf.errors import CheckpointError
+from usfmae_hf.finetuning.modeling_usfmae import UsfmaeClassifierConfig, UsfmaeForImageClassification
+from usfmae_hf.model.loading import quiet_loading_report
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,18 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from ..errors import UsfmaeError
-from .data import EVAL_SPLITS, check_labels, drop_unreadable, load_labelled_images, task_display_name, with_transforms
-from .heads import HEADS, build_classifier
-from .recipe import (
+from usfmae_hf.errors import UsfmaeError
+from usfmae_hf.evaluation.reporting import card_results, evaluate_split, flatten_results, write_results
+from usfmae_hf.finetuning.data import (
+    EVAL_SPLITS,
+    check_labels,
+    drop_unreadable,
+    load_labelled_images,
+    task_display_name,
+    with_transforms,
+)
+from usfmae_hf.finetuning.heads import HEADS, build_classifier
+from usfmae_hf.finetuning.recipe import (
     MAE_PRESET,
     ClassificationCollator,
     ClassificationLoss,
@@ -25,7 +33,6 @@ from .recipe import (
     balanced_class_weights,
     scaled_learning_rate,
 )
-from .reporting import card_results, evaluate_split, flatten_results, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -190,8 +197,8 @@ def run_finetuning(
     """
     from transformers import set_seed
 
-    from ..metrics import compute_metrics, softmax
-    from ..preprocessing import build_image_processor
+    from usfmae_hf.evaluation.metrics import compute_metrics, softmax
+    from usfmae_hf.image.processor import build_image_processor
 
     set_seed(training_args.seed)
     recipe = resolve_recipe(model_args, training_args)
@@ -269,7 +276,7 @@ def _write_card(
     results: list[dict[str, Any]],
     training_args: TrainingArguments,
 ) -> None:
-    from ..cards import render_model_card
+    from usfmae_hf.publishing.cards import render_model_card
 
     hyperparameters = {key: value for key, value in recipe.items() if value is not None}
     hyperparameters.update(
@@ -298,7 +305,7 @@ def _push(training_args: TrainingArguments) -> None:
     import shutil
     import tempfile
 
-    from ..hub import push_model_dir
+    from usfmae_hf.publishing.hub import push_model_dir
 
     if not training_args.hub_model_id:
         raise UsfmaeError("--push_to_hub needs --hub_model_id")
@@ -314,10 +321,13 @@ def _push(training_args: TrainingArguments) -> None:
         )
 
 
-def main(argv: Sequence[str] | None = None, description: str = "Fine-tune USF-MAE on labelled ultrasound images with the Trainer.") -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    description: str = "Fine-tune USF-MAE on labelled ultrasound images with the Trainer.",
+) -> int:
     """Parse command-line flags (every ``TrainingArguments`` flag included) and fine-tune; expected
     failures print one line and return 2."""
-    from ..launch import run_from_command_line
+    from usfmae_hf.launch import run_from_command_line
 
     return run_from_command_line(
         (ModelArguments, DataArguments, TrainingArguments),

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UnreadableImageError, UsfmaeError
+from usfmae_hf.errors import UnreadableImageError, UsfmaeError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
@@ -87,19 +87,19 @@ def load_frames(
         raise UnreadableImageError(f"{path}: no such file")
     suffix = file_suffix(path)
     if suffix in IMAGE_SUFFIXES:
-        from .images import read_image_frames
+        from usfmae_hf.io.images import read_image_frames
 
         return read_image_frames(path)
     if suffix in DICOM_SUFFIXES or (suffix not in SUPPORTED_SUFFIXES and is_dicom_file(path)):
-        from .dicom import read_dicom_frames
+        from usfmae_hf.io.dicom import read_dicom_frames
 
         return read_dicom_frames(path, frame_stride=frame_stride)
     if suffix in VOLUME_SUFFIXES:
-        from .volumes import read_volume_frames
+        from usfmae_hf.io.volumes import read_volume_frames
 
         return read_volume_frames(path, slice_stride=slice_stride, axis=axis)
     if suffix in VIDEO_SUFFIXES:
-        from .video import read_video_frames
+        from usfmae_hf.io.video import read_video_frames
 
         return read_video_frames(path, frame_stride=frame_stride)
     raise UnreadableImageError(f"{path}: unsupported file type {suffix or '(no suffix)'!r}")
@@ -154,7 +154,5 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
                 for p in ([Path(match)] if Path(match).is_file() else Path(match).rglob("*"))
                 if p.is_file()
             )
-        found.update(
-            p for p in candidates if not p.name.startswith(".") and _is_supported(p)
-        )
+        found.update(p for p in candidates if not p.name.startswith(".") and _is_supported(p))
     return sorted(found)

@@ -18,9 +18,9 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, iter_pixels
 
-from ..errors import UnreadableImageError
-from . import Frame
-from .pixels import stretch_to_uint8, to_rgb_uint8
+from usfmae_hf.errors import UnreadableImageError
+from usfmae_hf.io import Frame
+from usfmae_hf.io.pixels import stretch_to_uint8, to_rgb_uint8
 
 
 def _palette_luts_to_little_endian(ds: pydicom.Dataset) -> None:

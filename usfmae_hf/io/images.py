@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
-from ..errors import UnreadableImageError
-from . import Frame
-from .pixels import to_rgb_uint8
+from usfmae_hf.errors import UnreadableImageError
+from usfmae_hf.io import Frame
+from usfmae_hf.io.pixels import to_rgb_uint8
 
 # Pillow modes holding more than 8 bits per sample; ``convert("RGB")`` would clip them at 255.
 _HIGH_BIT_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})

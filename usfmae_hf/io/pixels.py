@@ -7,7 +7,7 @@ from types import ModuleType
 
 import numpy as np
 
-from ..errors import UsfmaeError
+from usfmae_hf.errors import UsfmaeError
 
 
 def import_optional(module: str, extra: str) -> ModuleType:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import UnreadableImageError, UsfmaeError
-from . import Frame
-from .pixels import import_optional
+from usfmae_hf.errors import UnreadableImageError, UsfmaeError
+from usfmae_hf.io import Frame
+from usfmae_hf.io.pixels import import_optional
 
 
 def read_video_frames(path: Path, *, frame_stride: int = 1) -> Iterator[Frame]:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UnreadableImageError, UsfmaeError
-from . import Frame, file_suffix
-from .pixels import import_optional, stretch_to_uint8, to_rgb_uint8
+from usfmae_hf.errors import UnreadableImageError, UsfmaeError
+from usfmae_hf.io import Frame, file_suffix
+from usfmae_hf.io.pixels import import_optional, stretch_to_uint8, to_rgb_uint8
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...], bool]:

@@ -8,21 +8,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from .arguments import RECIPES, DataArguments, ModelArguments, PretrainingArguments
+from usfmae_hf.pretraining.arguments import RECIPES, DataArguments, ModelArguments, PretrainingArguments
 
 __all__ = ["RECIPES", "DataArguments", "ModelArguments", "PretrainingArguments", "main", "run_pretraining"]
 
 
 def run_pretraining(model_args: ModelArguments, data_args: DataArguments, args: PretrainingArguments) -> Path:
     """Pretrain an MAE; see :func:`usfmae_hf.pretraining.trainer.run_pretraining`."""
-    from .trainer import run_pretraining as run
+    from usfmae_hf.pretraining.trainer import run_pretraining as run
 
     return run(model_args, data_args, args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse command-line flags and pretrain; expected failures print one line and return 2."""
-    from ..launch import run_from_command_line
+    from usfmae_hf.launch import run_from_command_line
 
     return run_from_command_line(
         (ModelArguments, DataArguments, PretrainingArguments),

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..errors import UsfmaeError
+from usfmae_hf.errors import UsfmaeError
 
 # NOTES section 1. USF-MAE: AdamW with torch's default betas, 10% warmup, cosine to 1e-5, grad-clip 1.0,
 # bf16, 100 epochs, pixel loss without per-patch normalisation, USF-MAE's augmentations. MAE: betas
@@ -140,7 +140,9 @@ class PretrainingArguments:
         metadata={"help": "Autocast precision (recipe: bf16 / fp16, used only when CUDA is available)."},
     )
     torch_compile: bool = field(default=False, metadata={"help": "Compile the model with torch.compile (inductor)."})
-    logging_steps: int = field(default=10, metadata={"help": "Print, report to trackers and check bad images every N steps."})
+    logging_steps: int = field(
+        default=10, metadata={"help": "Print, report to trackers and check bad images every N steps."}
+    )
     report_to: list[str] = field(
         default_factory=list, metadata={"help": "Accelerate trackers, e.g. tensorboard trackio wandb (default: none)."}
     )
@@ -152,7 +154,10 @@ class PretrainingArguments:
         default=None, metadata={"help": "'latest' or a checkpoint directory to resume from (mid-epoch)."}
     )
     reconstruction_steps: int | None = field(
-        default=None, metadata={"help": "Write a reconstruction grid PNG every N steps (default: at each checkpoint) and at the end."}
+        default=None,
+        metadata={
+            "help": "Write a reconstruction grid PNG every N steps (default: at each checkpoint) and at the end."
+        },
     )
 
 
@@ -174,7 +179,9 @@ def apply_recipe(model_args: ModelArguments, training_args: PretrainingArguments
     return notes
 
 
-def validate_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: PretrainingArguments) -> None:
+def validate_arguments(
+    model_args: ModelArguments, data_args: DataArguments, training_args: PretrainingArguments
+) -> None:
     """Reject contradictory or out-of-range arguments with one clear message."""
     sources = [name for name in ("dataset_dir", "train_dir", "dataset_name") if getattr(data_args, name)]
     if len(sources) != 1:

@@ -15,8 +15,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..atomic import atomic_write_text
-from ..errors import CheckpointError
+from usfmae_hf.atomic import atomic_write_text
+from usfmae_hf.errors import CheckpointError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -36,7 +36,7 @@ class TrainState:
         atomic_write_text(directory / STATE_FILE, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: Path) -> "TrainState":
+    def load(cls, directory: Path) -> TrainState:
         try:
             return cls(**json.loads((directory / STATE_FILE).read_text()))
         except (OSError, ValueError, TypeError) as error:
@@ -47,7 +47,9 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     if not output_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()
+    ]
     return [path for _, path in sorted(found)]
 
 

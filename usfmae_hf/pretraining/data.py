@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from ..errors import UsfmaeError
+from usfmae_hf.errors import UsfmaeError
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def decode_image(value: Any) -> Any:
             return image
         value = value.get("path")
     if isinstance(value, (str, os.PathLike)):
-        from ..io import load_image
+        from usfmae_hf.io import load_image
 
         return load_image(value)
     if value is None:
@@ -124,7 +124,9 @@ class StreamingImages(IterableDataset):
                 logger.warning("skipping unreadable streamed sample: %s", error)
                 bad += 1
                 if bad >= MAX_CONSECUTIVE_BAD:
-                    raise UsfmaeError(f"{MAX_CONSECUTIVE_BAD} unreadable samples in a row; is the data broken?") from None
+                    raise UsfmaeError(
+                        f"{MAX_CONSECUTIVE_BAD} unreadable samples in a row; is the data broken?"
+                    ) from None
                 continue
             yield {**sample, "num_bad": bad}
             bad = 0
@@ -156,7 +158,7 @@ def load_source(
     sample instead of failing the whole batch.
     """
     if train_dir is not None:
-        from ..io import expand_inputs
+        from usfmae_hf.io import expand_inputs
 
         if not Path(train_dir).is_dir():
             raise UsfmaeError(f"{train_dir}: not a folder")

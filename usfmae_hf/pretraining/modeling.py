@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
-from ..errors import UsfmaeError
+from usfmae_hf.errors import UsfmaeError
 
 
 def mae_sincos_position_table(embed_dim: int, grid_size: int) -> torch.Tensor:
@@ -29,7 +29,9 @@ def mae_sincos_position_table(embed_dim: int, grid_size: int) -> torch.Tensor:
         raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {embed_dim}")
     quarter = embed_dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    rows, cols = torch.meshgrid(torch.arange(grid_size, dtype=torch.float64), torch.arange(grid_size, dtype=torch.float64), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_size, dtype=torch.float64), torch.arange(grid_size, dtype=torch.float64), indexing="ij"
+    )
     halves = []
     for coords in (cols.reshape(-1), rows.reshape(-1)):
         angles = coords[:, None] * omega[None, :]

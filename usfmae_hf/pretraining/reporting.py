@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_bytes, atomic_write_text
+from usfmae_hf.atomic import atomic_write_bytes, atomic_write_text
 
 
 class StepLog:

@@ -12,14 +12,20 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..augment import build_eval_transform, build_split_train_transform, build_train_transform
-from ..errors import UsfmaeError
-from ..preprocessing import build_image_processor
-from .arguments import DataArguments, ModelArguments, PretrainingArguments, apply_recipe, validate_arguments
-from .checkpointing import TrainState, publish, remove_stale_staging, resolve_resume, staging_dir
-from .data import MapStyleImages, SampleMaker, StreamingImages, collate, first_images, load_source
-from .modeling import build_model, learning_rate_at, parameter_groups, scaled_learning_rate
-from .reporting import StepLog, plot_curves
+from usfmae_hf.errors import UsfmaeError
+from usfmae_hf.image.augment import build_eval_transform, build_split_train_transform, build_train_transform
+from usfmae_hf.image.processor import build_image_processor
+from usfmae_hf.pretraining.arguments import (
+    DataArguments,
+    ModelArguments,
+    PretrainingArguments,
+    apply_recipe,
+    validate_arguments,
+)
+from usfmae_hf.pretraining.checkpointing import TrainState, publish, remove_stale_staging, resolve_resume, staging_dir
+from usfmae_hf.pretraining.data import MapStyleImages, SampleMaker, StreamingImages, collate, first_images, load_source
+from usfmae_hf.pretraining.modeling import build_model, learning_rate_at, parameter_groups, scaled_learning_rate
+from usfmae_hf.pretraining.reporting import StepLog, plot_curves
 
 # Fewer samples than this say little about the bad-image rate; the check waits (except at the end).
 MIN_SAMPLES_FOR_BAD_CHECK = 1000
@@ -66,11 +72,16 @@ class Pretrainer:
         self.config = model.config
         self._build_data()
         optimizer = torch.optim.AdamW(
-            parameter_groups(model, args.weight_decay), lr=0.0, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
+            parameter_groups(model, args.weight_decay),
+            lr=0.0,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
         )
         self.model, self.optimizer = self._prepare(model, optimizer)
         processes = self.accelerator.num_processes
-        self.plan = _plan(args, self.dataloader, args.per_device_train_batch_size * args.gradient_accumulation_steps * processes)
+        self.plan = _plan(
+            args, self.dataloader, args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
+        )
 
         self.state = TrainState()
         if resume is not None:
@@ -81,11 +92,15 @@ class Pretrainer:
         if self.accelerator.is_main_process:
             self.log.truncate_after(self.state.step)
         if self.accelerator.log_with:
-            self.accelerator.init_trackers("usfmae-pretraining", config=_tracker_config(model_args, data_args, args, self.plan))
+            self.accelerator.init_trackers(
+                "usfmae-pretraining", config=_tracker_config(model_args, data_args, args, self.plan)
+            )
         self.processor = build_image_processor(self.config.image_size)
         self.card_training = {
             "recipe": args.recipe,
-            "initialised from": Path(model_args.model_name_or_path).name if model_args.model_name_or_path else "scratch (MAE init)",
+            "initialised from": Path(model_args.model_name_or_path).name
+            if model_args.model_name_or_path
+            else "scratch (MAE init)",
             "effective batch size": self.plan.effective_batch_size,
             "peak learning rate": self.plan.peak_lr,
             "mask ratio": self.config.mask_ratio,
@@ -147,7 +162,9 @@ class Pretrainer:
     def _prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
         accelerator, args = self.accelerator, self.args
         if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed cannot infer it from an unprepared stream
-            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
+            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
+                args.per_device_train_batch_size
+            )
         if self.data_args.streaming:  # each process reads its own shard; nothing to re-shard
             return accelerator.prepare(model, optimizer)
         model, optimizer, self.dataloader = accelerator.prepare(model, optimizer, self.dataloader)
@@ -196,11 +213,14 @@ class Pretrainer:
         loader = accelerator.skip_first_batches(self.dataloader, skip) if skip else self.dataloader
         window = self.window
         started, batches = time.perf_counter(), 0
-        for batches, batch in enumerate(loader, start=1):
+        for batches, batch in enumerate(loader, start=1):  # noqa: B007 (the count is read after the loop)
             lr = learning_rate_at(
-                state.step, peak=self.plan.peak_lr, minimum=args.min_lr, warmup_steps=self.plan.warmup_steps,
+                state.step,
+                peak=self.plan.peak_lr,
+                minimum=args.min_lr,
+                warmup_steps=self.plan.warmup_steps,
                 total_steps=self.plan.total_steps,
-            )  # fmt: skip
+            )
             loss = self._micro_step(batch, lr)
             images = torch.tensor(float(len(batch["pixel_values"])), device=window.device)
             window += torch.stack([loss, torch.ones_like(loss), images, batch["num_bad"].to(window.device).float()])
@@ -283,7 +303,7 @@ class Pretrainer:
 
     def reconstruct(self) -> None:
         """Reconstruction grid of the fixed preview images with fixed masks (every process runs the model)."""
-        from ..inference import reconstruct
+        from usfmae_hf.inference.features import reconstruct
 
         if self.preview is None:
             return
@@ -296,7 +316,12 @@ class Pretrainer:
     def save_model(self, directory: Path) -> None:
         """Export the current weights as an HF model directory (every process gathers, the main one writes)."""
         _export_hf_model(
-            self.accelerator, self.model, self.config, directory, self.processor, {**self.card_training, "steps": self.state.step}
+            self.accelerator,
+            self.model,
+            self.config,
+            directory,
+            self.processor,
+            {**self.card_training, "steps": self.state.step},
         )
 
 
@@ -336,7 +361,11 @@ def _plan(args: PretrainingArguments, dataloader: DataLoader, effective_batch: i
         steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
         total = max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
     warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_ratio * total)
-    peak = args.learning_rate if args.learning_rate is not None else scaled_learning_rate(args.base_learning_rate, effective_batch)
+    peak = (
+        args.learning_rate
+        if args.learning_rate is not None
+        else scaled_learning_rate(args.base_learning_rate, effective_batch)
+    )
     return _Plan(total_steps=total, warmup_steps=min(warmup, total), peak_lr=peak, effective_batch_size=effective_batch)
 
 
@@ -370,7 +399,9 @@ def _tracker_config(*groups: Any) -> dict[str, Any]:
     return flat
 
 
-def _reconstruction_inputs(data_args: DataArguments, source: Any, column: str | None, image_size: int) -> torch.Tensor | None:
+def _reconstruction_inputs(
+    data_args: DataArguments, source: Any, column: str | None, image_size: int
+) -> torch.Tensor | None:
     """Fixed preview images (eval transform), the same on every process."""
     if data_args.num_reconstruction_images < 1:
         return None
@@ -383,13 +414,15 @@ def _reconstruction_inputs(data_args: DataArguments, source: Any, column: str | 
     return torch.stack([transform(image).as_subclass(torch.Tensor) for image in images])
 
 
-def _export_hf_model(accelerator: Any, model: torch.nn.Module, config: Any, directory: Path, processor: Any, training: dict) -> None:
+def _export_hf_model(
+    accelerator: Any, model: torch.nn.Module, config: Any, directory: Path, processor: Any, training: dict
+) -> None:
     """Write ``directory`` as an HF model dir: legacy-named safetensors, processor, model card."""
     from transformers import ViTMAEForPreTraining
 
-    from ..atomic import atomic_directory
-    from ..cards import render_model_card
-    from ..conversion import save_vitmae_pretrained
+    from usfmae_hf.atomic import atomic_directory
+    from usfmae_hf.model.conversion import save_vitmae_pretrained
+    from usfmae_hf.publishing.cards import render_model_card
 
     state_dict = accelerator.get_state_dict(model)  # collective: every process takes part
     if not accelerator.is_main_process:

@@ -1,7 +1,7 @@
 """Classification metrics for downstream ultrasound tasks, as an ``evaluate`` module.
 
-Load it by path, which works offline: ``evaluate.load(str(Path(usfmae_hf.metrics.__file__).parent /
-"ultrasound_classification"))`` or simply ``usfmae_hf.metrics.load_classification_metric()``.
+Load it by path, which works offline: ``evaluate.load(str(Path(usfmae_hf.evaluation.metrics.__file__).parent /
+"ultrasound_classification"))`` or simply ``usfmae_hf.evaluation.metrics.load_classification_metric()``.
 Every number is computed by scikit-learn; this module only decides which classes enter each figure and
 makes undefined figures explicit.
 """

@@ -1,6 +1,6 @@
 """Leakage checks: no patient and no image may sit in two splits, or in a pretraining build and a test set.
 
-Images are compared by :func:`usfmae_hf.data.hashing.pixel_sha256` of their decoded RGB pixels, the
+Images are compared by :func:`usfmae_hf.io.hashing.pixel_sha256` of their decoded RGB pixels, the
 same hash the ``sha256`` column of an ingest build holds, so a build can be checked against a raw
 dataset folder or another build without decoding the build.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..errors import UnreadableImageError, UsfmaeError
-from .hashing import image_sha256, pixel_sha256
+from usfmae_hf.errors import UnreadableImageError, UsfmaeError
+from usfmae_hf.io.hashing import image_sha256, pixel_sha256
 
 __all__ = ["DataLeakageError", "LeakageReport", "check_leakage", "find_shared_images", "hash_images"]
 
@@ -116,7 +116,7 @@ def hash_images(directory: str | os.PathLike, *, progress: bool = True) -> dict[
     """
     import pyarrow.parquet as pq
 
-    from ..io import expand_inputs, load_frames
+    from usfmae_hf.io import expand_inputs, load_frames
 
     directory = Path(directory)
     if not directory.is_dir():

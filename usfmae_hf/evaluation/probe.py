@@ -1,6 +1,6 @@
 """Frozen-feature baselines: a linear probe and a cosine k-NN on USF-MAE encoder features.
 
-The encoder never trains: features come from :func:`usfmae_hf.inference.extract_features`, the
+The encoder never trains: features come from :func:`usfmae_hf.inference.features.extract_features`, the
 classifier from scikit-learn. ``linear`` standardises the features (as the MAE linear probe's
 ``BatchNorm(affine=False)``) and fits a multinomial logistic regression; ``knn`` votes among the
 ``k`` nearest training images by cosine distance. Outputs are those of fine-tuning:
@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .atomic import atomic_directory
-from .errors import UsfmaeError
-from .finetuning.data import EVAL_SPLITS, check_labels, drop_unreadable, load_labelled_images
-from .finetuning.reporting import evaluate_split, flatten_results, write_results
+from usfmae_hf.atomic import atomic_directory
+from usfmae_hf.errors import UsfmaeError
+from usfmae_hf.evaluation.reporting import evaluate_split, flatten_results, write_results
+from usfmae_hf.finetuning.data import EVAL_SPLITS, check_labels, drop_unreadable, load_labelled_images
 
 Method = Literal["linear", "knn"]
 METHODS: tuple[str, ...] = ("linear", "knn")
@@ -66,7 +66,7 @@ def run_probe(
     (``train_dir``/``validation_dir``/``test_dir``, ``dataset_name``, or ``task``/``data_root``/``fold``).
     Returns the flat results written to ``all_results.json``.
     """
-    from .inference import extract_features, load_encoder
+    from usfmae_hf.inference.features import extract_features, load_encoder
 
     dataset = drop_unreadable(load_labelled_images(**data), skip=skip_unreadable)
     label_names = check_labels(dataset)

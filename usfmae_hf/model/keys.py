@@ -73,7 +73,7 @@ def original_to_current(state_dict: dict[str, torch.Tensor], prefix: str = "vit.
     """Map an original MAE state dict to transformers >= 5.9 names, splitting each fused ``qkv``.
 
     The split tensors are views of the input (no copy). Keys that are not part of a ViT-MAE raise
-    ``KeyError`` naming them; :mod:`usfmae_hf.checkpoints` validates before calling this.
+    ``KeyError`` naming them; :mod:`usfmae_hf.model.checkpoints` validates before calling this.
     """
     converted: dict[str, torch.Tensor] = {}
     for name, tensor in state_dict.items():

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import PurePosixPath
 
-from .errors import UsfmaeError
+from usfmae_hf.errors import UsfmaeError
 
 __all__ = [
     "GENERIC_EXCLUDE_GLOBS",
@@ -192,7 +192,7 @@ def normalize_name(name: str) -> str:
 @functools.cache
 def load_catalogue() -> tuple[DatasetEntry, ...]:
     """The 46 OpenUS-46 entries, in table order, with their layout rules where known."""
-    text = resources.files("usfmae_hf").joinpath("openus46.csv").read_text(encoding="utf-8")
+    text = resources.files("usfmae_hf.ingest").joinpath("openus46.csv").read_text(encoding="utf-8")
     entries = []
     for row in csv.DictReader(text.splitlines()):
         entries.append(

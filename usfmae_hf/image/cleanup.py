@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .io.pixels import import_optional
+from usfmae_hf.io.pixels import import_optional
 
 
 def _cv2():

@@ -12,7 +12,7 @@ scale is not an integer (640 -> 224: 20 of 224 columns), up to 4.5 in normalised
   (or :func:`load_image_processor`) gives the exact transform, the default backend the approximate one.
 * With an optional ultrasound step on (``crop_to_scan_area``, ``remove_annotations``) it returns an
   :class:`UltrasoundImageProcessor` instead: the same PIL-backend processor that first cleans each
-  image with :mod:`usfmae_hf.ultrasound`. Its config records the steps and names its own class, so
+  image with :mod:`usfmae_hf.image.cleanup`. Its config records the steps and names its own class, so
   a library that does not know the steps fails to load it instead of silently skipping them;
   importing this module registers it with ``AutoImageProcessor``.
 """
@@ -38,9 +38,9 @@ class UltrasoundImageProcessor(ViTImageProcessorPil):
     """``ViTImageProcessorPil`` preceded by optional ultrasound clean-up of each image.
 
     Args:
-        crop_to_scan_area: crop each image to its scan area (:func:`usfmae_hf.ultrasound.crop_to_scan_area`).
+        crop_to_scan_area: crop each image to its scan area (:func:`usfmae_hf.image.cleanup.crop_to_scan_area`).
         remove_annotations: inpaint burned-in text, calipers and coloured markers
-            (:func:`usfmae_hf.ultrasound.remove_annotations`); done before cropping.
+            (:func:`usfmae_hf.image.cleanup.remove_annotations`); done before cropping.
         **kwargs: ``ViTImageProcessorPil`` arguments.
     """
 
@@ -53,8 +53,8 @@ class UltrasoundImageProcessor(ViTImageProcessorPil):
 
     def clean(self, image: Any) -> np.ndarray:
         """Apply the enabled ultrasound steps to one PIL image or uint8 ``(H, W[, C])`` array; return RGB uint8."""
-        from .io.pixels import to_rgb_uint8
-        from .ultrasound import crop_to_scan_area, remove_annotations
+        from usfmae_hf.image.cleanup import crop_to_scan_area, remove_annotations
+        from usfmae_hf.io.pixels import to_rgb_uint8
 
         if isinstance(image, Image.Image):
             array = np.asarray(image.convert("RGB"))

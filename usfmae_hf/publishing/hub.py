@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from .errors import UsfmaeError
-from .version import __version__
+from usfmae_hf.errors import UsfmaeError
+from usfmae_hf.version import __version__
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -146,14 +146,16 @@ def _with_retries(call: Callable[[], T], *, what: str, max_retries: int, retry_w
                 raise
             wait = retry_wait * 2**attempt
             attempt += 1
-            logger.warning("%s failed (%s); retrying in %gs [%d/%d]", what, type(error).__name__, wait, attempt, max_retries)
+            logger.warning(
+                "%s failed (%s); retrying in %gs [%d/%d]", what, type(error).__name__, wait, attempt, max_retries
+            )
             time.sleep(wait)
 
 
 def _fill_in_repo_id(readme: Path, repo_id: str) -> None:
     """Replace the card's placeholder repository id (a card rendered before the id was known) in place."""
-    from .atomic import atomic_write_text
-    from .cards import REPO_ID_PLACEHOLDER
+    from usfmae_hf.atomic import atomic_write_text
+    from usfmae_hf.publishing.cards import REPO_ID_PLACEHOLDER
 
     text = readme.read_text(encoding="utf-8")
     if f'"{REPO_ID_PLACEHOLDER}"' in text:
@@ -184,7 +186,7 @@ def push_model_dir(
     default visibility), as is the branch
     ``revision`` (from ``main``) when it does not exist yet. ``create_pr`` opens a pull request
     against ``main`` instead of committing to it (it cannot be combined with ``revision``).
-    A usage snippet still loading the placeholder repository id of :mod:`usfmae_hf.cards` (a card
+    A usage snippet still loading the placeholder repository id of :mod:`usfmae_hf.publishing.cards` (a card
     rendered before the id was known) is updated in ``README.md`` to load ``repo_id``, so the
     published card runs as shown. Unchanged files are not re-uploaded, so pushing the same folder
     twice succeeds without a new commit. Transient failures (HTTP 408/429/5xx, connection errors) are retried up to
@@ -230,7 +232,10 @@ def push_model_dir(
 
     steps: list[tuple[str, Callable[[], object]]] = [
         ("card validation", validate_card),
-        ("repository creation", lambda: api.create_repo(repo_id, repo_type="model", private=private or None, exist_ok=True)),
+        (
+            "repository creation",
+            lambda: api.create_repo(repo_id, repo_type="model", private=private or None, exist_ok=True),
+        ),
     ]
     if revision not in (None, "main") and not create_pr:
         steps.append(("branch creation", lambda: api.create_branch(repo_id, branch=revision, exist_ok=True)))

@@ -12,7 +12,7 @@ import hashlib
 import numpy as np
 from PIL import Image
 
-from ..io.images import pil_to_rgb_array
+from usfmae_hf.io.images import pil_to_rgb_array
 
 
 def pixel_sha256(rgb: np.ndarray) -> str:

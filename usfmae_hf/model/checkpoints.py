@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
-from .weights import is_decoder_key
+from usfmae_hf.errors import CheckpointError
+from usfmae_hf.model.keys import is_decoder_key
 
 # Layout names recorded in the provenance of converted models.
 LAYOUT_STATE_DICT = "state_dict"  # torch.save(model.state_dict()), what USF-MAE saves
@@ -31,14 +31,37 @@ ENCODER_HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 DECODER_HEADS = 16  # every released MAE decoder uses 16 heads
 
 _BLOCK_INNER_SUFFIXES = (
-    "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
-    "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
-)  # fmt: skip
-_ENCODER_TOP = ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias")
+    "norm1.weight",
+    "norm1.bias",
+    "attn.qkv.weight",
+    "attn.qkv.bias",
+    "attn.proj.weight",
+    "attn.proj.bias",
+    "norm2.weight",
+    "norm2.bias",
+    "mlp.fc1.weight",
+    "mlp.fc1.bias",
+    "mlp.fc2.weight",
+    "mlp.fc2.bias",
+)
+_ENCODER_TOP = (
+    "cls_token",
+    "pos_embed",
+    "patch_embed.proj.weight",
+    "patch_embed.proj.bias",
+    "norm.weight",
+    "norm.bias",
+)
 _DECODER_TOP = (
-    "mask_token", "decoder_pos_embed", "decoder_embed.weight", "decoder_embed.bias",
-    "decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias",
-)  # fmt: skip
+    "mask_token",
+    "decoder_pos_embed",
+    "decoder_embed.weight",
+    "decoder_embed.bias",
+    "decoder_norm.weight",
+    "decoder_norm.bias",
+    "decoder_pred.weight",
+    "decoder_pred.bias",
+)
 _BLOCK_INDEX = re.compile(r"^(blocks|decoder_blocks)\.(\d+)\.")
 # Wrappers some training frameworks add in front of every key.
 _KEY_PREFIXES = ("module.", "_orig_mod.")
@@ -90,7 +113,9 @@ def load_original_checkpoint(path: str | Path) -> OriginalCheckpoint:
         raise CheckpointError(f"{path}: not a state dict (found {type(raw).__name__})")
     non_tensors = [key for key, value in raw.items() if not isinstance(value, torch.Tensor)]
     if non_tensors:
-        raise CheckpointError(f"{path}: not a state dict: {len(non_tensors)} entries are not tensors, e.g. {non_tensors[0]!r}")
+        raise CheckpointError(
+            f"{path}: not a state dict: {len(non_tensors)} entries are not tensors, e.g. {non_tensors[0]!r}"
+        )
 
     state_dict = {_strip_wrappers(key): value for key, value in raw.items()}
     if not any(is_decoder_key(key) for key in state_dict):
@@ -154,15 +179,21 @@ def expected_keys(depth: int, decoder_depth: int | None) -> set[str]:
     """The full original-layout key set of an MAE with these depths (``None``: encoder only)."""
     keys = set(_ENCODER_TOP) | {f"blocks.{i}.{s}" for i in range(depth) for s in _BLOCK_INNER_SUFFIXES}
     if decoder_depth is not None:
-        keys |= set(_DECODER_TOP) | {f"decoder_blocks.{i}.{s}" for i in range(decoder_depth) for s in _BLOCK_INNER_SUFFIXES}
+        keys |= set(_DECODER_TOP) | {
+            f"decoder_blocks.{i}.{s}" for i in range(decoder_depth) for s in _BLOCK_INNER_SUFFIXES
+        }
     return keys
 
 
-def validate_mae_state_dict(state_dict: dict[str, torch.Tensor], *, encoder_only: bool, source: str = "checkpoint") -> None:
+def validate_mae_state_dict(
+    state_dict: dict[str, torch.Tensor], *, encoder_only: bool, source: str = "checkpoint"
+) -> None:
     """Check keys and shapes of an original-layout MAE state dict; raise one readable error."""
     if "patch_embed.proj.weight" not in state_dict or "pos_embed" not in state_dict:
         sample = ", ".join(sorted(state_dict)[:3])
-        raise CheckpointError(f"{source}: not an MAE/ViT checkpoint (no patch_embed.proj.weight / pos_embed; keys start {sample})")
+        raise CheckpointError(
+            f"{source}: not an MAE/ViT checkpoint (no patch_embed.proj.weight / pos_embed; keys start {sample})"
+        )
     try:
         depth = _count_blocks(state_dict, "blocks")
         decoder_depth = None if encoder_only else _count_blocks(state_dict, "decoder_blocks")
@@ -186,7 +217,9 @@ def _short_list(names: list[str], limit: int = 5) -> str:
 def _check_shapes(state_dict: dict[str, torch.Tensor], depth: int, decoder_depth: int | None, source: str) -> None:
     patch_weight = state_dict["patch_embed.proj.weight"]
     if patch_weight.ndim != 4 or patch_weight.shape[2] != patch_weight.shape[3]:
-        raise CheckpointError(f"{source}: patch_embed.proj.weight has shape {tuple(patch_weight.shape)}, expected (D, C, P, P)")
+        raise CheckpointError(
+            f"{source}: patch_embed.proj.weight has shape {tuple(patch_weight.shape)}, expected (D, C, P, P)"
+        )
     width = patch_weight.shape[0]
     mlp = state_dict["blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * width
     expected = {
@@ -228,14 +261,20 @@ def _block_shapes(stack: str, depth: int, width: int, mlp: int) -> dict[str, tup
         base = f"{stack}.{i}"
         shapes.update(
             {
-                f"{base}.norm1.weight": (width,), f"{base}.norm1.bias": (width,),
-                f"{base}.attn.qkv.weight": (3 * width, width), f"{base}.attn.qkv.bias": (3 * width,),
-                f"{base}.attn.proj.weight": (width, width), f"{base}.attn.proj.bias": (width,),
-                f"{base}.norm2.weight": (width,), f"{base}.norm2.bias": (width,),
-                f"{base}.mlp.fc1.weight": (mlp, width), f"{base}.mlp.fc1.bias": (mlp,),
-                f"{base}.mlp.fc2.weight": (width, mlp), f"{base}.mlp.fc2.bias": (width,),
+                f"{base}.norm1.weight": (width,),
+                f"{base}.norm1.bias": (width,),
+                f"{base}.attn.qkv.weight": (3 * width, width),
+                f"{base}.attn.qkv.bias": (3 * width,),
+                f"{base}.attn.proj.weight": (width, width),
+                f"{base}.attn.proj.bias": (width,),
+                f"{base}.norm2.weight": (width,),
+                f"{base}.norm2.bias": (width,),
+                f"{base}.mlp.fc1.weight": (mlp, width),
+                f"{base}.mlp.fc1.bias": (mlp,),
+                f"{base}.mlp.fc2.weight": (width, mlp),
+                f"{base}.mlp.fc2.bias": (width,),
             }
-        )  # fmt: skip
+        )
     return shapes
 
 
@@ -277,7 +316,9 @@ def infer_vitmae_config_kwargs(
         dec = sd["decoder_embed.weight"].shape[0]
         dec_heads = decoder_num_attention_heads or DECODER_HEADS
         if dec % dec_heads:
-            raise CheckpointError(f"decoder width {dec} is not divisible by {dec_heads} heads; pass --decoder-num-attention-heads")
+            raise CheckpointError(
+                f"decoder width {dec} is not divisible by {dec_heads} heads; pass --decoder-num-attention-heads"
+            )
         kwargs.update(
             decoder_hidden_size=dec,
             decoder_num_hidden_layers=_count_blocks(sd, "decoder_blocks"),

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_write_bytes, atomic_write_text
-from ..metrics import classification_report, json_ready
+from usfmae_hf.atomic import atomic_write_bytes, atomic_write_text
+from usfmae_hf.evaluation.metrics import classification_report, json_ready
 
 RESULTS_FILE = "all_results.json"
 # Metrics that go to the model card's model-index: (report key, Hub metric type, display name)
@@ -36,7 +36,7 @@ def evaluate_split(
 ) -> dict[str, Any]:
     """Score one split and write ``{split}_predictions.csv``, ``{split}_confusion_matrix.png``, ``{split}_roc.png``.
 
-    Returns the full metric report (see :mod:`usfmae_hf.metrics`).
+    Returns the full metric report (see :mod:`usfmae_hf.evaluation.metrics`).
     """
     output_dir = Path(output_dir)
     probabilities = np.asarray(probabilities, dtype=np.float64)
@@ -63,7 +63,8 @@ def write_results(output_dir: str | os.PathLike, results: Mapping[str, Any]) -> 
 
 
 def card_results(reports: Mapping[str, Mapping[str, Any]], dataset: str) -> list[dict[str, Any]]:
-    """Model-card ``results`` (for ``usfmae_hf.cards.render_model_card``) from split reports; undefined ones skipped."""
+    """Model-card ``results`` (for ``usfmae_hf.publishing.cards.render_model_card``) from split reports;
+    undefined ones skipped."""
     results = []
     for split, report in reports.items():
         for key, metric, display in CARD_METRICS:

@@ -1,8 +1,8 @@
 """Convert original MAE / USF-MAE checkpoints to Hugging Face model directories, and back.
 
-``convert_checkpoint`` reads a checkpoint safely (:mod:`usfmae_hf.checkpoints`), infers a
+``convert_checkpoint`` reads a checkpoint safely (:mod:`usfmae_hf.model.checkpoints`), infers a
 ``ViTMAEConfig`` from tensor shapes, builds the transformers model around the *same* tensors,
-checks it number-for-number against :class:`~usfmae_hf.reference_mae.ReferenceMAE` (timm blocks)
+checks it number-for-number against :class:`~usfmae_hf.model.reference_mae.ReferenceMAE` (timm blocks)
 on identical images and masking noise, and only then writes ``config.json``, ``model.safetensors``
 (legacy key names, readable by transformers 4.x and 5.x), ``preprocessor_config.json`` and a model
 card, atomically. ``export_original`` writes the original layout back (``qkv`` merged).
@@ -21,18 +21,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PretrainedConfig, ViTConfig, ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel, ViTModel
 
-from .atomic import atomic_directory, atomic_file
-from .checkpoints import (
+from usfmae_hf.atomic import atomic_directory, atomic_file
+from usfmae_hf.errors import CheckpointError, OutputExistsError, VerificationError
+from usfmae_hf.image.processor import build_image_processor
+from usfmae_hf.model.checkpoints import (
     OriginalCheckpoint,
     infer_vitmae_config_kwargs,
     load_original_checkpoint,
     validate_mae_state_dict,
 )
-from .errors import CheckpointError, OutputExistsError, VerificationError
-from .preprocessing import build_image_processor
-from .reference_mae import ReferenceMAE
-from .version import __version__
-from .weights import current_to_legacy, current_to_original, is_decoder_key, original_to_current
+from usfmae_hf.model.keys import current_to_legacy, current_to_original, is_decoder_key, original_to_current
+from usfmae_hf.model.reference_mae import ReferenceMAE
+from usfmae_hf.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,11 @@ def convert_checkpoint(
     if verify:
         diffs = verify_against_reference(model, checkpoint, config, atol=atol)
     if not checkpoint.has_decoder and output_format == "vitmae":
-        logger.warning("%s is encoder-only: wrote an encoder-only ViTMAEModel directory (no decoder, so no reconstruction or continued pretraining).", checkpoint.path.name)
+        logger.warning(
+            "%s is encoder-only: wrote an encoder-only ViTMAEModel directory "
+            "(no decoder, so no reconstruction or continued pretraining).",
+            checkpoint.path.name,
+        )
 
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
         config.save_pretrained(staging)
@@ -121,14 +125,32 @@ def convert_checkpoint(
     return ConversionResult(output_dir, checkpoint.layout, config, diffs)
 
 
-def _build_config(arch: dict, output_format: str, has_decoder: bool, norm_pix_loss: bool, mask_ratio: float, provenance: dict) -> PretrainedConfig:
+def _build_config(
+    arch: dict, output_format: str, has_decoder: bool, norm_pix_loss: bool, mask_ratio: float, provenance: dict
+) -> PretrainedConfig:
     if output_format == "vit":
-        encoder_keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
-                        "qkv_bias", "layer_norm_eps", "image_size", "patch_size", "num_channels")  # fmt: skip
-        return ViTConfig(**{k: arch[k] for k in encoder_keys}, architectures=["ViTModel"], **{PROVENANCE_KEY: provenance})
+        encoder_keys = (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "hidden_act",
+            "qkv_bias",
+            "layer_norm_eps",
+            "image_size",
+            "patch_size",
+            "num_channels",
+        )
+        return ViTConfig(
+            **{k: arch[k] for k in encoder_keys}, architectures=["ViTModel"], **{PROVENANCE_KEY: provenance}
+        )
     architecture = "ViTMAEForPreTraining" if has_decoder else "ViTMAEModel"
     return ViTMAEConfig(
-        **arch, norm_pix_loss=norm_pix_loss, mask_ratio=mask_ratio, architectures=[architecture], **{PROVENANCE_KEY: provenance}
+        **arch,
+        norm_pix_loss=norm_pix_loss,
+        mask_ratio=mask_ratio,
+        architectures=[architecture],
+        **{PROVENANCE_KEY: provenance},
     )
 
 
@@ -152,12 +174,22 @@ def _build_model_on_tensors(config: PretrainedConfig, checkpoint: OriginalCheckp
     try:
         model.load_state_dict(original_to_current(state_dict, prefix), strict=True, assign=True)
     except RuntimeError as error:
-        raise CheckpointError(f"{checkpoint.path}: weights do not fit the inferred architecture: {str(error).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"{checkpoint.path}: weights do not fit the inferred architecture: {str(error).splitlines()[0]}"
+        ) from None
     return model.eval(), ("vit." if model_cls is ViTMAEForPreTraining else prefix)
 
 
 @torch.no_grad()
-def verify_against_reference(model: torch.nn.Module, checkpoint: OriginalCheckpoint, config: PretrainedConfig, *, atol: float = DEFAULT_ATOL, batch_size: int = 2, seed: int = 0) -> dict[str, float]:
+def verify_against_reference(
+    model: torch.nn.Module,
+    checkpoint: OriginalCheckpoint,
+    config: PretrainedConfig,
+    *,
+    atol: float = DEFAULT_ATOL,
+    batch_size: int = 2,
+    seed: int = 0,
+) -> dict[str, float]:
     """Run ``model`` and the timm-based reference on the same images and masking noise.
 
     Compares the encoder output with masking (the pretraining path) and without it (the feature
@@ -224,7 +256,9 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def save_legacy_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, *, prefix: str = "vit.") -> None:
+def save_legacy_safetensors(
+    state_dict: dict[str, torch.Tensor], path: str | os.PathLike, *, prefix: str = "vit."
+) -> None:
     """Save a ViT/ViTMAE state dict (current 5.x names) under the legacy Hub names.
 
     Use this instead of ``save_pretrained`` for ViTMAE weights: 5.x's reverse renaming writes
@@ -245,7 +279,9 @@ def save_legacy_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def save_vitmae_pretrained(model: ViTMAEForPreTraining | ViTMAEModel | ViTModel, output_dir: str | os.PathLike, *, image_processor=None) -> Path:
+def save_vitmae_pretrained(
+    model: ViTMAEForPreTraining | ViTMAEModel | ViTModel, output_dir: str | os.PathLike, *, image_processor=None
+) -> Path:
     """``save_pretrained`` replacement for (ViT)MAE models: config + legacy-named safetensors (+ processor)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -259,7 +295,7 @@ def save_vitmae_pretrained(model: ViTMAEForPreTraining | ViTMAEModel | ViTModel,
 
 
 def _write_card(directory: Path, config: PretrainedConfig, provenance: dict) -> None:
-    from .cards import render_model_card
+    from usfmae_hf.publishing.cards import render_model_card
 
     kind = "pretrained" if "ViTMAEForPreTraining" in (config.architectures or []) else "encoder"
     render_model_card(kind, config=config, provenance=provenance).save(directory / "README.md")
@@ -279,7 +315,11 @@ def export_original(model_dir: str | os.PathLike, output_file: str | os.PathLike
         raise CheckpointError(f"{model_dir}: no model.safetensors (is this a converted model directory?)")
     with safe_open(weights, framework="pt") as handle:
         has_decoder = any(key.startswith("decoder.") for key in handle.keys())
-    config = ViTMAEConfig.from_pretrained(model_dir) if _model_type(model_dir) == "vit_mae" else ViTConfig.from_pretrained(model_dir)
+    config = (
+        ViTMAEConfig.from_pretrained(model_dir)
+        if _model_type(model_dir) == "vit_mae"
+        else ViTConfig.from_pretrained(model_dir)
+    )
     if config.model_type == "vit_mae" and has_decoder:
         model, prefix = ViTMAEForPreTraining.from_pretrained(model_dir), "vit."
     elif config.model_type == "vit_mae":

@@ -10,7 +10,7 @@ written after it. A rerun skips every chunk whose files (names, sizes, modificat
 change, so an interrupted or extended build only decodes what is new.
 
 De-duplication runs in the main process in chunk order, so that it is deterministic whatever the
-number of workers: a frame is dropped when its pixel SHA-256 (:func:`usfmae_hf.data.hashing.pixel_sha256`
+number of workers: a frame is dropped when its pixel SHA-256 (:func:`usfmae_hf.io.hashing.pixel_sha256`
 of the decoded, full-size frame) was already kept (exact duplicate), or when its 64-bit perceptual
 hash (``imagehash.phash`` of the full-size frame) is within ``near_dup_threshold`` bits of a kept one
 (near duplicate). Rows already in the build take precedence over new ones.
@@ -37,11 +37,11 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write_text
-from .catalogue import DatasetEntry, find_entry, generic_entry, normalize_name
-from .data.hashing import pixel_sha256
-from .errors import UnreadableImageError, UsfmaeError
-from .io import SUPPORTED_SUFFIXES, Frame, file_suffix, is_dicom_file, load_frames
+from usfmae_hf.atomic import atomic_write_text
+from usfmae_hf.errors import UnreadableImageError, UsfmaeError
+from usfmae_hf.ingest.catalogue import DatasetEntry, find_entry, generic_entry, normalize_name
+from usfmae_hf.io import SUPPORTED_SUFFIXES, Frame, file_suffix, is_dicom_file, load_frames
+from usfmae_hf.io.hashing import pixel_sha256
 
 __all__ = [
     "FILES_PER_SHARD",
@@ -284,7 +284,7 @@ def _read_hdf5_frames(path: Path, frame_stride: int) -> Iterator[Frame]:
         import h5py
     except ImportError:
         raise UnreadableImageError(f"{path}: HDF5 is not supported without h5py (pip install h5py)") from None
-    from .io.pixels import to_rgb_uint8
+    from usfmae_hf.io.pixels import to_rgb_uint8
 
     with h5py.File(path, "r") as handle:
         images = handle["image"]

@@ -7,8 +7,8 @@ is shared by two splits.
 
 from __future__ import annotations
 
-from .adapters import BUSBRA_CLASSES, MMOTU2D_CLASSES, load_busbra, load_gist514, load_mmotu2d
-from .leakage import DataLeakageError, LeakageReport, check_leakage, find_shared_images, hash_images
+from usfmae_hf.evaluation.adapters import BUSBRA_CLASSES, MMOTU2D_CLASSES, load_busbra, load_gist514, load_mmotu2d
+from usfmae_hf.evaluation.leakage import DataLeakageError, LeakageReport, check_leakage, find_shared_images, hash_images
 
 __all__ = [
     "BUSBRA_CLASSES",

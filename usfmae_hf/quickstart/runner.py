@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UsfmaeError
+from usfmae_hf.errors import UsfmaeError
 
 ULTRASOUND_DICOMS = (
     "US1_UNCR.dcm",
@@ -45,9 +45,18 @@ ULTRASOUND_DICOMS = (
 RAW_FOLDER = "pydicom-data-ultrasound"
 NUM_STEPS = 7  # ingest, convert, pretrain, load back, features, reconstruction, fine-tune
 # A small MAE with USF-MAE's structure (sin-cos positions, 8x8 patches, light decoder), sized for a laptop CPU.
-SMALL_MAE = dict(image_size=64, patch_size=8, hidden_size=96, num_hidden_layers=4, num_attention_heads=3,
-                 intermediate_size=384, decoder_hidden_size=64, decoder_num_hidden_layers=2,
-                 decoder_num_attention_heads=4, decoder_intermediate_size=256)  # fmt: skip
+SMALL_MAE = dict(
+    image_size=64,
+    patch_size=8,
+    hidden_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=3,
+    intermediate_size=384,
+    decoder_hidden_size=64,
+    decoder_num_hidden_layers=2,
+    decoder_num_attention_heads=4,
+    decoder_intermediate_size=256,
+)
 
 
 @dataclass
@@ -96,7 +105,9 @@ class _Tee(io.TextIOBase):
         return len(text)
 
 
-def build_orientation_task(dicoms: Sequence[Path], task_dir: Path, *, frame_stride: int = 2) -> dict[str, dict[str, int]]:
+def build_orientation_task(
+    dicoms: Sequence[Path], task_dir: Path, *, frame_stride: int = 2
+) -> dict[str, dict[str, int]]:
     """A labelled task from real frames: each frame upright and vertically flipped (fan apex at the bottom).
 
     The two orientations of a frame always share a split. Validation holds the last third of every
@@ -105,7 +116,7 @@ def build_orientation_task(dicoms: Sequence[Path], task_dir: Path, *, frame_stri
     """
     from PIL import Image
 
-    from .io import load_frames
+    from usfmae_hf.io import load_frames
 
     counts = {split: {"upright": 0, "flipped": 0} for split in ("train", "validation")}
     stills = sorted(p.name for p in dicoms)
@@ -153,16 +164,36 @@ class Quickstart:
         self.results["dicoms"] = [p.name for p in dicoms]
 
         dataset_dir = out / "dataset"
-        self._cli("Ingest the real ultrasound DICOMs into a Hugging Face dataset",
-                  ["usfmae", "ingest", str(raw_root), "--output", str(dataset_dir), "--frame-stride", str(self.settings.frame_stride)])  # fmt: skip
+        self._cli(
+            "Ingest the real ultrasound DICOMs into a Hugging Face dataset",
+            [
+                "usfmae",
+                "ingest",
+                str(raw_root),
+                "--output",
+                str(dataset_dir),
+                "--frame-stride",
+                str(self.settings.frame_stride),
+            ],
+        )
 
         checkpoint = out / "start" / "small_mae_original_layout.pth"
         self._write_start_checkpoint(checkpoint)
         start_model = out / "start" / "hf"
-        self._cli("Convert the original-layout checkpoint to a Hugging Face directory (verified)",
-                  ["usfmae", "convert", str(checkpoint), "--output", str(start_model),
-                   "--num-attention-heads", str(SMALL_MAE["num_attention_heads"]),
-                   "--decoder-num-attention-heads", str(SMALL_MAE["decoder_num_attention_heads"])])  # fmt: skip
+        self._cli(
+            "Convert the original-layout checkpoint to a Hugging Face directory (verified)",
+            [
+                "usfmae",
+                "convert",
+                str(checkpoint),
+                "--output",
+                str(start_model),
+                "--num-attention-heads",
+                str(SMALL_MAE["num_attention_heads"]),
+                "--decoder-num-attention-heads",
+                str(SMALL_MAE["decoder_num_attention_heads"]),
+            ],
+        )
 
         pretrain_dir = out / "pretrain"
         self._pretrain(start_model, dataset_dir, pretrain_dir)
@@ -171,7 +202,7 @@ class Quickstart:
         self._features_and_reconstruction(final, dicoms, out)
         self._finetune(final, dicoms, out)
         report = out / "REPORT.md"
-        from .quickstart_report import write_report
+        from usfmae_hf.quickstart.report import write_report
 
         write_report(report, self)
         self.log(f"\nreport: {report}")
@@ -181,7 +212,7 @@ class Quickstart:
 
     def _cli(self, title: str, argv: list[str]) -> None:
         """Run a ``usfmae`` sub-command in-process, keeping what it prints for the report."""
-        from .cli import main as cli_main
+        from usfmae_hf.cli import main as cli_main
 
         printed = io.StringIO()
 
@@ -197,7 +228,7 @@ class Quickstart:
     def _write_start_checkpoint(self, path: Path) -> None:
         import torch
 
-        from .reference_mae import ReferenceMAE
+        from usfmae_hf.model.reference_mae import ReferenceMAE
 
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
@@ -205,20 +236,41 @@ class Quickstart:
         torch.save(ReferenceMAE.from_hf_config_kwargs(kwargs).state_dict(), path)
 
     def _pretrain(self, start_model: Path, dataset_dir: Path, pretrain_dir: Path) -> None:
-        from .pretraining import main as pretrain_main
+        from usfmae_hf.pretraining import main as pretrain_main
 
         s = self.settings
-        flags = ["--model_name_or_path", str(start_model), "--dataset_dir", str(dataset_dir),
-                 "--output_dir", str(pretrain_dir), "--max_steps", str(s.pretrain_steps),
-                 "--per_device_train_batch_size", str(s.batch_size), "--learning_rate", "1e-3",
-                 "--warmup_steps", "5", "--logging_steps", "10", "--dataloader_num_workers", "0",
-                 "--num_reconstruction_images", "4", "--seed", "0"]  # fmt: skip
+        flags = [
+            "--model_name_or_path",
+            str(start_model),
+            "--dataset_dir",
+            str(dataset_dir),
+            "--output_dir",
+            str(pretrain_dir),
+            "--max_steps",
+            str(s.pretrain_steps),
+            "--per_device_train_batch_size",
+            str(s.batch_size),
+            "--learning_rate",
+            "1e-3",
+            "--warmup_steps",
+            "5",
+            "--logging_steps",
+            "10",
+            "--dataloader_num_workers",
+            "0",
+            "--num_reconstruction_images",
+            "4",
+            "--seed",
+            "0",
+        ]
 
         def action():
             if pretrain_main(flags):
                 raise UsfmaeError("pretraining failed")
 
-        self._run("Continue pretraining with the Accelerate MAE loop", ["python", "training/pretrain_mae.py", *flags], action)
+        self._run(
+            "Continue pretraining with the Accelerate MAE loop", ["python", "training/pretrain_mae.py", *flags], action
+        )
         records = [json.loads(line) for line in (pretrain_dir / "log.jsonl").read_text().splitlines() if line.strip()]
         self.results["pretrain_log"] = records
 
@@ -230,14 +282,36 @@ class Quickstart:
             processor = AutoImageProcessor.from_pretrained(model_dir)
             self.results["loaded"] = f"{type(model).__name__} + {type(processor).__name__}"
 
-        self._run("Load the pretrained model back with AutoModel and AutoImageProcessor",
-                  ["python", "-c", f"from transformers import AutoModel, AutoImageProcessor; AutoModel.from_pretrained({str(model_dir)!r}); AutoImageProcessor.from_pretrained({str(model_dir)!r})"],
-                  load_back)  # fmt: skip
+        self._run(
+            "Load the pretrained model back with AutoModel and AutoImageProcessor",
+            [
+                "python",
+                "-c",
+                "from transformers import AutoModel, AutoImageProcessor; "
+                f"AutoModel.from_pretrained({str(model_dir)!r}); "
+                f"AutoImageProcessor.from_pretrained({str(model_dir)!r})",
+            ],
+            load_back,
+        )
         features = out / "features.parquet"
-        self._cli("Extract CLS features of every frame", ["usfmae", "features", str(dicoms[0].parent), "--model", str(model_dir), "--output", str(features)])
+        self._cli(
+            "Extract CLS features of every frame",
+            ["usfmae", "features", str(dicoms[0].parent), "--model", str(model_dir), "--output", str(features)],
+        )
         self.results["features"] = features
         still = next((p for p in dicoms if p.name.startswith("US1")), dicoms[0])
-        self._cli("Draw a masked reconstruction", ["usfmae", "reconstruct", str(still), "--model", str(model_dir), "--output", str(out / "reconstruction.png")])
+        self._cli(
+            "Draw a masked reconstruction",
+            [
+                "usfmae",
+                "reconstruct",
+                str(still),
+                "--model",
+                str(model_dir),
+                "--output",
+                str(out / "reconstruction.png"),
+            ],
+        )
 
     def _finetune(self, model_dir: Path, dicoms: list[Path], out: Path) -> None:
         task_dir = out / "orientation-task"
@@ -245,27 +319,60 @@ class Quickstart:
         self.results["task_counts"] = counts
         finetune_dir = out / "finetune"
         s = self.settings
-        flags = ["--model_name_or_path", str(model_dir), "--train_dir", str(task_dir / "train"),
-                 "--validation_dir", str(task_dir / "validation"), "--output_dir", str(finetune_dir),
-                 "--max_steps", str(s.finetune_steps), "--per_device_train_batch_size", str(s.batch_size),
-                 "--head", "mean", "--learning_rate", "3e-4", "--warmup_steps", "10",
-                 "--augment", "none", "--use_cpu", "--report_to", "none",
-                 "--save_strategy", "no", "--logging_steps", "10", "--seed", "0",
-                 "--dataloader_num_workers", "0", "--disable_tqdm", "false"]  # fmt: skip
+        flags = [
+            "--model_name_or_path",
+            str(model_dir),
+            "--train_dir",
+            str(task_dir / "train"),
+            "--validation_dir",
+            str(task_dir / "validation"),
+            "--output_dir",
+            str(finetune_dir),
+            "--max_steps",
+            str(s.finetune_steps),
+            "--per_device_train_batch_size",
+            str(s.batch_size),
+            "--head",
+            "mean",
+            "--learning_rate",
+            "3e-4",
+            "--warmup_steps",
+            "10",
+            "--augment",
+            "none",
+            "--use_cpu",
+            "--report_to",
+            "none",
+            "--save_strategy",
+            "no",
+            "--logging_steps",
+            "10",
+            "--seed",
+            "0",
+            "--dataloader_num_workers",
+            "0",
+            "--disable_tqdm",
+            "false",
+        ]
 
         def action():
-            from .finetuning.run import main as finetune_main
+            from usfmae_hf.finetuning.run import main as finetune_main
 
             if finetune_main(flags):
                 raise UsfmaeError("fine-tuning failed")
 
-        self._run("Fine-tune a classifier with the Trainer (upright vs flipped scans)",
-                  ["python", "training/finetune_classification.py", *flags], action)  # fmt: skip
+        self._run(
+            "Fine-tune a classifier with the Trainer (upright vs flipped scans)",
+            ["python", "training/finetune_classification.py", *flags],
+            action,
+        )
         self.results["finetune"] = json.loads((finetune_dir / "all_results.json").read_text())
         self.results["finetune_dir"] = finetune_dir
 
 
-def run_quickstart(output: str | os.PathLike, *, settings: QuickstartSettings | None = None, overwrite: bool = False) -> Path:
+def run_quickstart(
+    output: str | os.PathLike, *, settings: QuickstartSettings | None = None, overwrite: bool = False
+) -> Path:
     """Run every stage into ``output`` and return the path of ``REPORT.md``."""
     output = Path(output)
     if output.exists() and any(output.iterdir()):

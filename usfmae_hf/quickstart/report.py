@@ -7,11 +7,11 @@ import platform
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .atomic import atomic_write_text
-from .version import __version__
+from usfmae_hf.atomic import atomic_write_text
+from usfmae_hf.version import __version__
 
 if TYPE_CHECKING:
-    from .quickstart import Quickstart
+    from usfmae_hf.quickstart.runner import Quickstart
 
 REAL_RELEASE_COMMANDS = """\
 # 1. Convert the released USF-MAE checkpoint (100 epochs, the recommended one), verified number-for-number
@@ -46,13 +46,19 @@ def _relative(path: Path, base: Path) -> str:
 
 
 def _metrics_table(results: dict) -> list[str]:
-    rows = [(k, v) for k, v in sorted(results.items()) if k.startswith(("validation_", "test_")) and isinstance(v, (int, float))]
+    rows = [
+        (k, v)
+        for k, v in sorted(results.items())
+        if k.startswith(("validation_", "test_")) and isinstance(v, (int, float))
+    ]
     lines = ["| metric | value |", "|---|---|"]
-    lines += [f"| `{name}` | {value:.4f} |" if isinstance(value, float) else f"| `{name}` | {value} |" for name, value in rows]
+    lines += [
+        f"| `{name}` | {value:.4f} |" if isinstance(value, float) else f"| `{name}` | {value} |" for name, value in rows
+    ]
     return lines
 
 
-def write_report(path: Path, run: "Quickstart") -> Path:
+def write_report(path: Path, run: Quickstart) -> Path:
     """Write ``REPORT.md`` for a finished quickstart run."""
     import torch
     import transformers
@@ -65,7 +71,8 @@ def write_report(path: Path, run: "Quickstart") -> Path:
         "# USF-MAE quickstart report",
         "",
         f"usfmae-hf {__version__}, transformers {transformers.__version__}, torch {torch.__version__}, "
-        f"Python {platform.python_version()}, {os.cpu_count()} CPU cores. Total time: {sum(s.seconds for s in run.steps):.0f} s.",
+        f"Python {platform.python_version()}, {os.cpu_count()} CPU cores. "
+        f"Total time: {sum(s.seconds for s in run.steps):.0f} s.",
         "",
         "Everything below ran on the real ultrasound DICOM files shipped by `pydicom-data` "
         f"({', '.join(results['dicoms'])}). The released USF-MAE weights are not downloadable here, so a small "
@@ -84,19 +91,31 @@ def write_report(path: Path, run: "Quickstart") -> Path:
         if step.notes:
             lines += ["```text", *step.notes[-8:], "```", ""]
 
-    lines += ["## Data", "", f"Ingest summary and duplicates: `{_relative(out / 'dataset' / 'ingest_report.md', out)}`.", ""]
+    lines += [
+        "## Data",
+        "",
+        f"Ingest summary and duplicates: `{_relative(out / 'dataset' / 'ingest_report.md', out)}`.",
+        "",
+    ]
 
     lines += ["## Continued pretraining", ""]
     if log:
         first, last = log[0], log[-1]
         lines += [
-            f"{len(log)} optimizer steps; loss {first['loss']:.4f} at step {first['step']} -> {last['loss']:.4f} at step {last['step']}.",
+            f"{len(log)} optimizer steps; loss {first['loss']:.4f} at step {first['step']} -> "
+            f"{last['loss']:.4f} at step {last['step']}.",
             "",
             f"![training curves]({_relative(out / 'pretrain' / 'training_curves.png', out)})",
             "",
         ]
-    lines += ["## Features and reconstruction", "", f"Features: `{_relative(results['features'], out)}`. "
-              f"Loaded back as {results.get('loaded', '?')}.", "", "![reconstruction](reconstruction.png)", ""]  # fmt: skip
+    lines += [
+        "## Features and reconstruction",
+        "",
+        f"Features: `{_relative(results['features'], out)}`. Loaded back as {results.get('loaded', '?')}.",
+        "",
+        "![reconstruction](reconstruction.png)",
+        "",
+    ]
 
     counts = results["task_counts"]
     lines += [
@@ -105,7 +124,8 @@ def write_report(path: Path, run: "Quickstart") -> Path:
         "The MAE-recipe head (mean of patch tokens, saved with its code) fine-tuned with the Trainer on a "
         "labelled task built from the same real frames: each frame upright and flipped vertically, both "
         "orientations of a frame in the same split; validation holds the last third of the cine clip and "
-        f"every second still image (train {sum(counts['train'].values())} images, validation {sum(counts['validation'].values())}).",
+        f"every second still image (train {sum(counts['train'].values())} images, "
+        f"validation {sum(counts['validation'].values())}).",
         "",
         *_metrics_table(results["finetune"]),
         "",
@@ -113,6 +133,13 @@ def write_report(path: Path, run: "Quickstart") -> Path:
     confusion = finetune_dir / "validation_confusion_matrix.png"
     if confusion.exists():
         lines += [f"![confusion matrix]({_relative(confusion, out)})", ""]
-    lines += ["## The same on the real USF-MAE release and OpenUS-46", "", "```bash", REAL_RELEASE_COMMANDS.rstrip(), "```", ""]
+    lines += [
+        "## The same on the real USF-MAE release and OpenUS-46",
+        "",
+        "```bash",
+        REAL_RELEASE_COMMANDS.rstrip(),
+        "```",
+        "",
+    ]
     atomic_write_text(path, "\n".join(lines))
     return path

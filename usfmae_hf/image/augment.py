@@ -28,7 +28,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from .preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from usfmae_hf.image.processor import IMAGENET_MEAN, IMAGENET_STD
 
 Recipe = Literal["usfmae", "mae"]
 RECIPES: tuple[str, ...] = ("usfmae", "mae")
@@ -68,7 +68,7 @@ class RescaleNormalize(torch.nn.Module):
     """Map uint8 (0-255) or float (0-1) image tensors to float32 normalised by ImageNet mean and std.
 
     Computed as ``(x / 255 - mean) / std`` in float32, the order of ``ToTensor`` + ``Normalize`` and of
-    :func:`usfmae_hf.preprocessing.build_image_processor`, so the numbers agree bit for bit.
+    :func:`usfmae_hf.image.processor.build_image_processor`, so the numbers agree bit for bit.
     """
 
     def __init__(self, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UsfmaeError
+from usfmae_hf.errors import UsfmaeError
 
 __all__ = ["BUSBRA_CLASSES", "MMOTU2D_CLASSES", "load_busbra", "load_gist514", "load_mmotu2d"]
 

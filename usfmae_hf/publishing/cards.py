@@ -1,6 +1,6 @@
 """Model cards for converted, encoder-only and fine-tuned USF-MAE models.
 
-The cards are Jinja templates in :mod:`usfmae_hf.model_cards` rendered by
+The cards are Jinja templates in :mod:`usfmae_hf.publishing.templates` rendered by
 :meth:`huggingface_hub.ModelCard.from_template`; this module fills their metadata (``license``,
 ``library_name``, ``pipeline_tag``, ``base_model``, ``datasets``, ``tags``, ``model-index``) and
 the facts the text needs (architecture, provenance, training data, results).
@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Literal
 
-from .catalogue import load_catalogue
-from .errors import UsfmaeError
-from .version import __version__
+from usfmae_hf.errors import UsfmaeError
+from usfmae_hf.ingest.catalogue import load_catalogue
+from usfmae_hf.version import __version__
 
 if TYPE_CHECKING:
     from huggingface_hub import EvalResult, ModelCard
@@ -171,7 +171,9 @@ def render_model_card(
     extra = dict(extra or {})
     unknown = set(extra) - set(EXTRA_KEYS)
     if unknown:
-        raise UsfmaeError(f"unknown model card extra field(s) {', '.join(sorted(unknown))}; expected {', '.join(EXTRA_KEYS)}")
+        raise UsfmaeError(
+            f"unknown model card extra field(s) {', '.join(sorted(unknown))}; expected {', '.join(EXTRA_KEYS)}"
+        )
 
     model_name = repo_id.split("/")[-1] if repo_id else DEFAULT_MODEL_NAMES[kind]
     card_data = ModelCardData(
@@ -189,7 +191,7 @@ def render_model_card(
     if provenance:
         provenance.setdefault("converter_version", f"usfmae-hf {__version__}")
     catalogue = load_catalogue()
-    templates = resources.files("usfmae_hf.model_cards")
+    templates = resources.files("usfmae_hf.publishing.templates")
     return ModelCard.from_template(
         card_data,
         # The shared section macros come first so that every card template can call them.

@@ -22,14 +22,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from transformers import ViTConfig, ViTMAEConfig, ViTMAEForPreTraining, ViTModel
 from tqdm.auto import tqdm
+from transformers import ViTConfig, ViTMAEConfig, ViTMAEForPreTraining, ViTModel
 
-from .atomic import atomic_write_bytes, atomic_write_text
-from .errors import OutputExistsError, UnreadableImageError, UsfmaeError
-from .io import expand_inputs, load_frames, load_image
-from .loading import quiet_loading_report
-from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, build_image_processor, load_image_processor
+from usfmae_hf.atomic import atomic_write_bytes, atomic_write_text
+from usfmae_hf.errors import OutputExistsError, UnreadableImageError, UsfmaeError
+from usfmae_hf.image.processor import IMAGENET_MEAN, IMAGENET_STD, build_image_processor, load_image_processor
+from usfmae_hf.io import expand_inputs, load_frames, load_image
+from usfmae_hf.model.loading import quiet_loading_report
 
 Pooling = Literal["cls", "mean", "patches"]
 ImageLike = Image.Image | np.ndarray | str | os.PathLike
@@ -85,9 +85,7 @@ def load_encoder(
     # The decoder weights of a vit_mae directory are expected leftovers: keep the load report quiet
     # and check the one thing that matters, that no encoder weight is missing.
     with quiet_loading_report():
-        model, info = ViTModel.from_pretrained(
-            path, config=config, add_pooling_layer=False, output_loading_info=True
-        )
+        model, info = ViTModel.from_pretrained(path, config=config, add_pooling_layer=False, output_loading_info=True)
     if info["missing_keys"]:
         raise UsfmaeError(f"{path}: encoder weights missing: {', '.join(sorted(info['missing_keys'])[:5])}")
     return _place(model, device, dtype)
@@ -515,7 +513,7 @@ def write_features(
     if not paths:
         shutil.rmtree(partial, ignore_errors=True)
         raise UsfmaeError(f"no frame could be read from {len(files)} input file(s)")
-    meta = {**settings, "shape": list(features.shape), "encoder": "usfmae_hf.inference.load_encoder"}
+    meta = {**settings, "shape": list(features.shape), "encoder": "usfmae_hf.inference.features.load_encoder"}
     _write_feature_file(output, paths, frames, features, meta)
     shutil.rmtree(partial, ignore_errors=True)
     return FeatureRun(output, len(paths), len(set(paths)), len(resumed), skipped)

@@ -78,7 +78,9 @@ class ReferenceMAE(nn.Module):
         if self.has_decoder:
             self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
             self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-            self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
+            self.decoder_pos_embed = nn.Parameter(
+                torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False
+            )
             self.decoder_blocks = nn.ModuleList(
                 block(decoder_embed_dim, decoder_num_heads, mlp_ratio=decoder_mlp_hidden / decoder_embed_dim)
                 for _ in range(decoder_depth)
@@ -88,7 +90,7 @@ class ReferenceMAE(nn.Module):
         self._init_weights_like_mae()
 
     @classmethod
-    def from_hf_config_kwargs(cls, kwargs: dict, encoder_only: bool = False) -> "ReferenceMAE":
+    def from_hf_config_kwargs(cls, kwargs: dict, encoder_only: bool = False) -> ReferenceMAE:
         """Build from ``ViTMAEConfig``-style keyword arguments (or ``config.to_dict()``)."""
         return cls(
             img_size=kwargs["image_size"],

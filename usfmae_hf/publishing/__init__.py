@@ -1,0 +1,1 @@
+"""Publishing: model cards rendered from templates (``templates/``) and Hub uploads."""
