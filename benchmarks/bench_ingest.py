@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from usfmae_hf.image.augment import build_split_train_transform, build_train_transform
-from usfmae_hf.ingest.build import IngestOptions, ingest
+from usfmae_hf.ingest import IngestOptions, ingest
 
 DICOMS = ("US1_UNCR.dcm", "US1_J2KR.dcm", "OBXXXX1A.dcm", "OBXXXX1A_rle.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm")
 

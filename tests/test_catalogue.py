@@ -1,4 +1,4 @@
-"""The OpenUS-46 catalogue: contents, name matching, and the layout rules of NOTES §6."""
+"""The OpenUS-46 catalogue: contents, name matching, and the per-dataset layout rules."""
 
 from __future__ import annotations
 

@@ -211,3 +211,63 @@ def test_conversion_scripts_are_thin_entry_points(tmp_path, tiny_original_checkp
         text=True,
     )
     assert result.returncode == 1 and "no such file" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "save_options",
+    [
+        pytest.param({}, id="zip"),
+        pytest.param({"_use_new_zipfile_serialization": False}, id="legacy"),
+        pytest.param({"_use_new_zipfile_serialization": False, "pickle_protocol": 4}, id="legacy-protocol-4"),
+        pytest.param({"pickle_protocol": 4}, id="zip-protocol-4"),
+    ],
+)
+def test_code_running_pickles_are_refused_without_torch_advice(tmp_path, tiny_original_checkpoint, save_options):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({**_state_dict(tiny_original_checkpoint), "evil": _RunsCode(marker)}, path, **save_options)
+    with pytest.raises(CheckpointError) as error:
+        load_original_checkpoint(path)
+    message = str(error.value)
+    assert "refused" in message and "run code" in message and "system" in message
+    assert "\n" not in message and "weights_only" not in message and "corrupt" not in message
+    assert not marker.exists()
+
+
+def test_cli_refusal_is_one_line_without_torch_advice(tmp_path, tiny_original_checkpoint):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"evil": _RunsCode(marker)}, path, _use_new_zipfile_serialization=False, pickle_protocol=4)
+    result = _run_cli("convert", path, "--output", tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert (
+        len(result.stderr.splitlines()) == 1 and len(lines) == 1 and "refused" in lines[0] and "run code" in lines[0]
+    ), result.stderr
+    assert "weights_only" not in result.stderr and not marker.exists()
+
+
+def test_unreadable_safe_pickle_is_refused_not_called_corrupt(tmp_path, tiny_original_checkpoint):
+    # The safe loader lacks protocol 4's FRAME opcode: a plain file it cannot read is refused, not "corrupt".
+    path = tmp_path / "protocol4.pth"
+    torch.save(_state_dict(tiny_original_checkpoint), path, _use_new_zipfile_serialization=False, pickle_protocol=4)
+    with pytest.raises(CheckpointError) as error:
+        load_original_checkpoint(path)
+    message = str(error.value)
+    assert "refused" in message and "nothing was executed" in message
+    assert "weights_only" not in message and "\n" not in message and "run code" not in message
+
+
+def test_torch_advice_is_stripped_from_passed_through_messages():
+    from usfmae_hf.failures import one_line
+
+    text = (
+        "Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` argument "
+        "in `torch.load` from `False` to `True`. Re-running `torch.load` with `weights_only` set to `False` will "
+        "likely succeed, but it can result in arbitrary code execution. Do it only if you got the file from a "
+        "trusted source.\nPlease file an issue with the following so that we can make `weights_only=True` "
+        "compatible with your use case: WeightsUnpickler error: \n\nUnsupported operand 149\n\nCheck the "
+        "documentation of torch.load to learn more about types accepted by default with weights_only "
+        "https://pytorch.org/docs/stable/generated/torch.load.html."
+    )
+    assert one_line(text) == "Unsupported operand 149"

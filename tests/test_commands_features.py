@@ -9,10 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import usfmae_hf.inference.features
+import usfmae_hf.inference.feature_files
 import usfmae_hf.io
 from usfmae_hf.cli import main
-from usfmae_hf.inference.features import extract_features, load_encoder, write_features
+from usfmae_hf.inference.feature_files import write_features
+from usfmae_hf.inference.features import extract_features, load_encoder
 
 
 @pytest.fixture()
@@ -86,11 +87,11 @@ def test_rerun_after_interruption_resumes(inputs, tiny_model_dir, tmp_path, monk
         return real_load_frames(path, **kwargs)
 
     output = tmp_path / "resumed.parquet"
-    monkeypatch.setattr(usfmae_hf.inference.features, "load_frames", interrupted)
+    monkeypatch.setattr(usfmae_hf.inference.feature_files, "load_frames", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_features([inputs], tiny_model_dir, output, checkpoint_rows=2, progress=False, on_skip=print)
     assert not output.exists() and list((tmp_path / "resumed.parquet.partial").glob("shard-*.npz"))
-    monkeypatch.setattr(usfmae_hf.inference.features, "load_frames", real_load_frames)
+    monkeypatch.setattr(usfmae_hf.inference.feature_files, "load_frames", real_load_frames)
     capsys.readouterr()
     args = ["features", str(inputs), "--model", str(tiny_model_dir), "--output", str(output), "-q"]
     assert main(args) == 0

@@ -134,7 +134,10 @@ def test_vit_format_is_a_deterministic_ordered_encoder(tiny_original_checkpoint,
     assert config["model_type"] == "vit" and config["architectures"] == ["ViTModel"]
     with safe_open(tiny_vit_dir / "model.safetensors", framework="pt") as handle:
         keys = set(handle.keys())
-    assert not any(key.startswith(("pooler", "decoder", "vit.")) for key in keys)
+    assert not any(key.startswith(("decoder", "vit.")) for key in keys)
+    # an identity pooler, so AutoModel's pooler is not random: pooler_output = normed CLS token
+    assert {key for key in keys if key.startswith("pooler")} == {"pooler.dense.weight", "pooler.dense.bias"}
+    assert config["pooler_act"] == "linear"
 
     model = AutoModel.from_pretrained(tiny_vit_dir).eval()
     assert isinstance(model, ViTModel)
@@ -145,14 +148,24 @@ def test_vit_format_is_a_deterministic_ordered_encoder(tiny_original_checkpoint,
         expected, _, _ = reference.forward_encoder(images, 0.0, in_order)
         first = model(pixel_values=images).last_hidden_state
         second = AutoModel.from_pretrained(tiny_vit_dir)(pixel_values=images).last_hidden_state
+        pooled = [AutoModel.from_pretrained(tiny_vit_dir)(pixel_values=images).pooler_output for _ in range(2)]
     torch.testing.assert_close(first, expected, atol=DEFAULT_ATOL, rtol=0)
     assert torch.equal(first, second)
+    assert torch.equal(pooled[0], pooled[1]) and torch.equal(pooled[0], first[:, 0])
 
     extractor = pipeline("image-feature-extraction", model=str(tiny_vit_dir))
     from PIL import Image
 
     features = extractor(Image.new("RGB", (40, 30), (90, 20, 200)), return_tensors=True)
     assert tuple(features.shape) == (1, 17, 32)
+    pooled_by_pipeline = [
+        pipeline("image-feature-extraction", model=str(tiny_vit_dir), pool=True)(
+            Image.new("RGB", (40, 30), (90, 20, 200)), return_tensors=True
+        )
+        for _ in range(2)
+    ]
+    assert torch.equal(pooled_by_pipeline[0], pooled_by_pipeline[1])
+    torch.testing.assert_close(pooled_by_pipeline[0][0], features[0, 0], atol=1e-6, rtol=0)
 
     classifier = AutoModelForImageClassification.from_pretrained(tiny_vit_dir, num_labels=3)
     assert classifier.config.num_labels == 3
@@ -179,10 +192,10 @@ def test_round_trip_is_bitwise_identical(tiny_original_checkpoint, tmp_path, lay
 
 def test_a_mapping_bug_fails_verification_and_writes_nothing(tiny_original_checkpoint, tmp_path, monkeypatch):
     """Verification must catch a plausible conversion bug: q and k swapped when splitting qkv."""
-    from usfmae_hf import conversion, weights
+    from usfmae_hf.model import conversion, keys
 
     def swapped_qk(state_dict, prefix="vit."):
-        converted = weights.original_to_current(state_dict, prefix)
+        converted = keys.original_to_current(state_dict, prefix)
         for name in [k for k in converted if ".attention.q_proj." in k]:
             other = name.replace(".q_proj.", ".k_proj.")
             converted[name], converted[other] = converted[other], converted[name]

@@ -154,6 +154,23 @@ def test_mmotu2d_official_split_and_stratified_validation(mmotu):
     assert "val_cls.txt" in splits["train"].info.description
 
 
+def _shrink_mmotu(source: Path, destination: Path, n_train: int) -> Path:
+    shutil.copytree(source / "MMOTU" / "OTU_2d", destination)
+    lines = (destination / "train_cls.txt").read_text().split("\n")
+    (destination / "train_cls.txt").write_text("\n".join(lines[:n_train]) + "\n")
+    return destination
+
+
+def test_small_training_sets_fall_back_or_fail_in_one_line(mmotu, tmp_path, caplog):
+    """16 images in 8 classes cannot be split stratified at 20% (4 < 8): unstratified, with a warning."""
+    splits = load_mmotu2d(_shrink_mmotu(mmotu, tmp_path / "sixteen", 16), val_fraction=0.2)
+    assert (len(splits["train"]), len(splits["validation"])) == (12, 4)
+    assert set(splits["train"]["id"]).isdisjoint(splits["validation"]["id"])
+    assert "MMOTU-2D" in caplog.text and "unstratified" in caplog.text
+    with pytest.raises(UsfmaeError, match=r"MMOTU-2D: 1 training images cannot be split.*at least 2"):
+        load_mmotu2d(_shrink_mmotu(mmotu, tmp_path / "one", 1))
+
+
 def test_identical_images_across_splits_are_caught(mmotu, tmp_path):
     copy = tmp_path / "OTU_2d"
     shutil.copytree(mmotu / "MMOTU" / "OTU_2d", copy)

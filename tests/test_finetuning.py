@@ -75,23 +75,83 @@ def test_cls_head_is_stock_vit(tiny_vit_dir, tmp_path):
     assert type(reloaded) is ViTForImageClassification and reloaded.config.id2label == {0: "x", 1: "y"}
 
 
-REMOTE_CODE_CHECK = """
-import site, sys
-sys.path.extend(site.getsitepackages())  # run with -I -S: site-packages without .pth files (no editable usfmae_hf)
+# Run with -I -S: site-packages without .pth files (no editable usfmae_hf). Without ``site`` a virtualenv's
+# sys.prefix stays the base interpreter's, so the environment is found from sys.executable's pyvenv.cfg.
+SITE_PACKAGES_OF_EXECUTABLE = """
+import os, site, sys, sysconfig
+def _site_packages():
+    bin_dir = os.path.dirname(sys.executable)
+    prefixes, system = [], True
+    for cfg in (os.path.join(bin_dir, "pyvenv.cfg"), os.path.join(os.path.dirname(bin_dir), "pyvenv.cfg")):
+        if os.path.isfile(cfg):
+            prefixes.append(os.path.dirname(cfg))
+            with open(cfg) as f:
+                entries = dict(line.split("=", 1) for line in f if "=" in line)
+            settings = {key.strip().lower(): value.strip().lower() for key, value in entries.items()}
+            system = settings.get("include-system-site-packages") == "true"
+            break
+    if system:
+        prefixes.append(sys.base_prefix)
+    paths = []
+    for prefix in prefixes:
+        scheme = sysconfig.get_paths(vars={"base": prefix, "platbase": prefix})
+        paths += [scheme["purelib"], scheme["platlib"], *site.getsitepackages([prefix])]
+    return [p for i, p in enumerate(paths) if os.path.isdir(p) and p not in paths[:i]]
+sys.path.extend(_site_packages())
+"""
+
+REMOTE_CODE_CHECK = (
+    SITE_PACKAGES_OF_EXECUTABLE
+    + """
 try:
     import usfmae_hf
 except ModuleNotFoundError:
     pass
 else:
     sys.exit("usfmae_hf is importable here: " + usfmae_hf.__file__)
-import numpy as np, torch
+import numpy as np, torch, transformers
 from transformers import AutoModelForImageClassification
 model = AutoModelForImageClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 pixels = torch.from_numpy(np.load(sys.argv[2]))
 with torch.no_grad():
     np.save(sys.argv[3], model(pixel_values=pixels).logits.numpy())
-print(type(model).__name__, model.config.id2label)
+print(type(model).__module__, type(model).__name__, model.config.id2label, "transformers", transformers.__version__)
 """
+)
+
+
+def _run_remote_code_check(python: str, saved: Path, pixels: torch.Tensor, tmp_path: Path) -> tuple[str, np.ndarray]:
+    """Load ``saved`` with trust_remote_code in ``python -I -S`` (no usfmae_hf); its stdout and logits."""
+    np.save(tmp_path / "pixels.npy", pixels.numpy())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(
+        [
+            python,
+            "-I",
+            "-S",
+            "-c",
+            REMOTE_CODE_CHECK,
+            str(saved),
+            str(tmp_path / "pixels.npy"),
+            str(tmp_path / "out.npy"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout, np.load(tmp_path / "out.npy")
+
+
+def _tf4_python() -> str:
+    python = os.environ.get("USFMAE_TF4_PYTHON")
+    if not python or not os.path.exists(python):
+        if os.environ.get("USFMAE_REQUIRE_TF4"):
+            pytest.fail("USFMAE_REQUIRE_TF4 is set but USFMAE_TF4_PYTHON is not a python (run .ci/make_tf4_env.sh)")
+        pytest.skip("no transformers 4.x environment (set USFMAE_TF4_PYTHON; .ci/make_tf4_env.sh builds one)")
+    return python
 
 
 @pytest.mark.slow
@@ -108,30 +168,28 @@ def test_mean_head_loads_with_remote_code_without_package(tiny_model_dir, tmp_pa
     assert type(AutoModelForImageClassification.from_pretrained(saved)) is UsfmaeForImageClassification
 
     pixels = torch.randn(2, 3, 32, 32)
-    np.save(tmp_path / "pixels.npy", pixels.numpy())
     with torch.no_grad():
         expected = model(pixel_values=pixels).logits.numpy()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-I",
-            "-S",
-            "-c",
-            REMOTE_CODE_CHECK,
-            str(saved),
-            str(tmp_path / "pixels.npy"),
-            str(tmp_path / "out.npy"),
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "UsfmaeForImageClassification" in result.stdout and "malignant" in result.stdout
-    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)
+    stdout, logits = _run_remote_code_check(sys.executable, saved, pixels, tmp_path)
+    assert "UsfmaeForImageClassification" in stdout and "malignant" in stdout
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_mean_head_remote_code_gives_same_logits_in_tf4(tiny_model_dir, tmp_path):
+    """The saved modeling_usfmae.py must load under transformers 4.57 and compute what 5.x computes."""
+    python = _tf4_python()
+    model = build_classifier(tiny_model_dir, ["benign", "malignant"], head="mean").eval()
+    saved = tmp_path / "classifier"
+    model.save_pretrained(saved)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).logits.numpy()
+    stdout, logits = _run_remote_code_check(python, saved, pixels, tmp_path)
+    assert "transformers 4." in stdout, stdout
+    # remote code, not a class registered by usfmae_hf
+    assert stdout.startswith("transformers_modules") and "UsfmaeForImageClassification" in stdout, stdout
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
 
 
 def test_layer_decay_groups(tiny_model_dir):
@@ -200,6 +258,25 @@ def test_class_weights_and_layer_decay_optimizer(tiny_model_dir, tmp_path):
     optimizer = UsfmaeTrainer(model=model, args=args, layer_decay=0.5).create_optimizer()
     assert sorted({group["lr"] for group in optimizer.param_groups}) == [1e-3 * 0.5**3, 1e-3 * 0.5**2, 1e-3 * 0.5, 1e-3]
     assert optimizer.defaults["betas"] == (args.adam_beta1, args.adam_beta2)  # the Trainer's optimizer settings
+
+
+@pytest.mark.parametrize(
+    ("flags", "augment"),
+    [([], "usfmae"), (["--recipe", "mae"], "mae"), (["--recipe", "mae", "--augment", "usfmae"], "usfmae")],
+)
+def test_recipe_sets_augment_unless_given(flags, augment, tmp_path):
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from usfmae_hf.finetuning.recipe import MAE_PRESET
+    from usfmae_hf.finetuning.run import DataArguments, ModelArguments, resolve_recipe
+
+    assert MAE_PRESET["augment"] == "mae"
+    model_args, _, training_args = HfArgumentParser(
+        (ModelArguments, DataArguments, TrainingArguments)
+    ).parse_args_into_dataclasses(
+        ["--model_name_or_path", "unused", "--output_dir", str(tmp_path), "--use_cpu", "--report_to", "none", *flags]
+    )
+    assert resolve_recipe(model_args, training_args)["augment"] == augment
 
 
 def test_reports_with_a_class_absent_from_the_split(tmp_path):

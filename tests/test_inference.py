@@ -11,7 +11,8 @@ from PIL import Image
 
 from usfmae_hf.errors import UsfmaeError
 from usfmae_hf.image.processor import build_image_processor
-from usfmae_hf.inference.features import extract_features, load_encoder, processor_for, reconstruct
+from usfmae_hf.inference.features import extract_features, load_encoder, processor_for
+from usfmae_hf.inference.reconstruction import reconstruct
 
 
 @pytest.fixture(scope="module")

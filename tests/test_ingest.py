@@ -1,4 +1,4 @@
-"""``usfmae ingest`` on replicas of the NOTES §6 layouts, real DICOMs, a NIfTI volume and a video."""
+"""``usfmae ingest`` on replicas of the catalogue's dataset layouts, real DICOMs, a NIfTI volume and a video."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from usfmae_hf import ingest as ingest_module
 from usfmae_hf.cli import main
 from usfmae_hf.errors import UsfmaeError
-from usfmae_hf.ingest.build import IngestOptions, NearDuplicateIndex, ingest
+from usfmae_hf.ingest import IngestOptions, NearDuplicateIndex, ingest
+from usfmae_hf.ingest import build as build_module
+from usfmae_hf.ingest import decode as decode_module
 
 RESIZE = 24
 
@@ -61,7 +62,7 @@ def save_video(path: Path, frames: list[np.ndarray]) -> Path:
 
 
 def write_replica(root: Path) -> dict[str, object]:
-    """One folder per layout of NOTES §6 (masks beside images), plus a duplicate, a near duplicate and a corrupt file.
+    """One folder per catalogue layout (masks beside images), plus a duplicate, a near duplicate and a corrupt file.
 
     Returns what a correct ingest must produce: the expected (path, frame) rows and a few facts.
     """
@@ -256,9 +257,9 @@ def test_rerun_is_incremental(small_root, tmp_path, monkeypatch):
     cache = str(tmp_path / "hf_cache")  # one cache for both loads, as a user has: no stale rows after the rerun
     cached_rows = len(load_dataset(str(output), split="train", cache_dir=cache))
     decoded = []
-    original = ingest_module._decode_chunk
+    original = decode_module._decode_chunk
     monkeypatch.setattr(
-        ingest_module, "_decode_chunk", lambda chunk, *a: decoded.append(chunk.key) or original(chunk, *a)
+        decode_module, "_decode_chunk", lambda chunk, *a: decoded.append(chunk.key) or original(chunk, *a)
     )
     ingest(small_root, output, options=options, files_per_shard=2, progress=False)
     assert decoded == []
@@ -280,7 +281,7 @@ def test_rerun_is_incremental(small_root, tmp_path, monkeypatch):
 def test_interrupted_run_resumes(small_root, tmp_path, monkeypatch):
     output = tmp_path / "build"
     calls = []
-    original = ingest_module._Build.finish
+    original = build_module._Build.finish
 
     def crash_on_second_chunk(self, chunk, staged, result):
         calls.append(chunk.key)
@@ -288,13 +289,13 @@ def test_interrupted_run_resumes(small_root, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         original(self, chunk, staged, result)
 
-    monkeypatch.setattr(ingest_module._Build, "finish", crash_on_second_chunk)
+    monkeypatch.setattr(build_module._Build, "finish", crash_on_second_chunk)
     with pytest.raises(KeyboardInterrupt):
         ingest(small_root, output, files_per_shard=2, progress=False)
-    monkeypatch.setattr(ingest_module._Build, "finish", original)
+    monkeypatch.setattr(build_module._Build, "finish", original)
     decoded = []
     monkeypatch.setattr(
-        ingest_module, "_decode_chunk", lambda chunk, *a: decoded.append(chunk.key) or {"hashes": [], "errors": []}
+        decode_module, "_decode_chunk", lambda chunk, *a: decoded.append(chunk.key) or {"hashes": [], "errors": []}
     )
     ingest(small_root, output, files_per_shard=2, progress=False)
     assert calls[0] not in decoded and len(decoded) == 5

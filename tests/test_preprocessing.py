@@ -84,3 +84,33 @@ def test_ultrasound_steps_are_recorded_and_applied(tmp_path, ultrasound_dicoms):
     assert json.loads(crop_only.to_json_string())["remove_annotations"] is False
     with pytest.raises(ValueError, match="uint8"):
         crop_only(image.astype(np.float32))
+
+
+def _transparent_images() -> dict[str, Image.Image]:
+    rng = np.random.default_rng(7)
+    palette = Image.fromarray(rng.integers(0, 256, (97, 131), dtype=np.uint8), "L").convert("P")
+    palette.info["transparency"] = 3
+    return {
+        "RGBA": Image.fromarray(rng.integers(0, 256, (97, 131, 4), dtype=np.uint8), "RGBA"),
+        "LA": Image.fromarray(rng.integers(0, 256, (97, 131, 2), dtype=np.uint8), "LA"),
+        "P+transparency": palette,
+    }
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P+transparency"])
+def test_alpha_is_dropped_as_pil_convert_rgb_does(mode, tmp_path):
+    """USF-MAE's ``convert("RGB")`` drops alpha; transformers 5 would composite it onto white."""
+    image = _transparent_images()[mode]
+    reference = usfmae_eval_transform(224)(image.convert("RGB"))
+    processor = build_image_processor(224)
+    processor.save_pretrained(tmp_path)
+    for candidate in (processor, load_image_processor(tmp_path)):
+        ours = candidate(images=image, return_tensors="pt").pixel_values[0]
+        assert torch.equal(ours, reference)
+    if image.mode == "RGBA":  # the same for a channels-last uint8 array with an alpha channel
+        ours = processor(images=np.asarray(image), return_tensors="pt").pixel_values[0]
+        assert torch.equal(ours, reference)
+    # the saved config stays a stock one that any transformers version loads
+    assert (
+        json.loads((tmp_path / "preprocessor_config.json").read_text())["image_processor_type"] == "ViTImageProcessor"
+    )

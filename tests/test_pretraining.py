@@ -19,8 +19,8 @@ from PIL import Image
 
 from usfmae_hf.pretraining import DataArguments, ModelArguments, PretrainingArguments, main
 from usfmae_hf.pretraining.modeling import (
+    build_lr_scheduler,
     build_model,
-    learning_rate_at,
     mae_sincos_position_table,
     parameter_groups,
     scaled_learning_rate,
@@ -148,16 +148,69 @@ def test_weight_decay_groups(tiny_mae_config):
     assert len(decayed | exempt) == sum(p.requires_grad for p in model.parameters())
 
 
+def _mae_adjust_learning_rate(epoch: float, *, lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> float:
+    """facebookresearch/mae util/lr_sched.py ``adjust_learning_rate``, transcribed (``epoch`` fractional)."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
+
+
+def _schedule(peak: float, **kwargs) -> list[float]:
+    """The lr of each update (and after the last), two parameter groups, stepped once per update as the trainer does."""
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "weight_decay": w} for w in (0.05, 0.0)]
+    optimizer = torch.optim.AdamW(groups, lr=peak)
+    scheduler = build_lr_scheduler(optimizer, **kwargs)
+    values = []
+    for _ in range(kwargs["total_steps"] + 1):
+        group_lrs = [group["lr"] for group in optimizer.param_groups]
+        assert group_lrs[0] == group_lrs[1] == scheduler.get_last_lr()[0]  # every group scaled alike
+        values.append(group_lrs[0])
+        optimizer.step()
+        scheduler.step()
+    return values
+
+
 def test_learning_rate_schedule_and_scaling():
     assert scaled_learning_rate(1.5e-4, 4096) == pytest.approx(2.4e-3)
-    kwargs = dict(peak=1.0, minimum=0.1, warmup_steps=10, total_steps=110)
-    assert learning_rate_at(0, **kwargs) == 0.0
-    assert learning_rate_at(5, **kwargs) == pytest.approx(0.5)
-    assert learning_rate_at(10, **kwargs) == pytest.approx(1.0)
-    assert learning_rate_at(60, **kwargs) == pytest.approx(0.55)  # half-way down the cosine
-    assert learning_rate_at(110, **kwargs) == pytest.approx(0.1)
-    values = [learning_rate_at(s, **kwargs) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    values = _schedule(1.0, minimum=0.1, warmup_steps=10, total_steps=110)
+    assert values[0] == 0.0
+    assert values[5] == pytest.approx(0.5)
+    assert values[10] == pytest.approx(1.0)
+    assert values[60] == pytest.approx(0.55)  # half-way down the cosine
+    assert values[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+    with pytest.raises(Exception, match="positive"):
+        _schedule(0.0, minimum=0.0, warmup_steps=1, total_steps=2)
+
+
+@pytest.mark.parametrize("recipe", ["mae", "usfmae"])
+def test_schedule_matches_mae_adjust_learning_rate(recipe):
+    """Per-step lr of a recipe = MAE's per-iteration adjust_learning_rate at fractional epoch it/ipe + epoch."""
+    from transformers import HfArgumentParser
+
+    from usfmae_hf.pretraining.arguments import apply_recipe
+    from usfmae_hf.pretraining.trainer import _plan
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, PretrainingArguments))
+    model_args, _, args = parser.parse_args_into_dataclasses(["--output_dir", "x", "--recipe", recipe])
+    apply_recipe(model_args, args, cuda_available=False)
+    iters_per_epoch = 7
+    plan = _plan(args, list(range(iters_per_epoch)), 256)  # a loader of 7 batches, no accumulation
+    epochs = args.num_train_epochs
+    warmup_epochs = args.warmup_ratio * epochs  # mae: 40 of 800, usfmae: 10 of 100
+    assert plan.total_steps == epochs * iters_per_epoch
+    assert plan.warmup_steps == warmup_epochs * iters_per_epoch  # warmup in steps = warmup_epochs x ipe
+    values = _schedule(plan.peak_lr, minimum=args.min_lr, warmup_steps=plan.warmup_steps, total_steps=plan.total_steps)
+    for step, value in enumerate(values):
+        epoch, it = divmod(step, iters_per_epoch)
+        expected = _mae_adjust_learning_rate(
+            it / iters_per_epoch + epoch,
+            lr=plan.peak_lr,
+            min_lr=args.min_lr,
+            warmup_epochs=warmup_epochs,
+            epochs=epochs,
+        )
+        assert abs(value - expected) <= 1e-12, (step, value, expected)
 
 
 def test_recipe_presets_fill_only_unset_flags():
@@ -230,7 +283,7 @@ def test_run_outputs(reference_run):
     assert all(set(r) >= {"step", "loss", "lr", "images_per_sec", "bad_images"} for r in records)
     assert all(math.isfinite(r["loss"]) and r["images_per_sec"] > 0 for r in records)
     peak = 1e-2 * 4 * 2 / 256  # effective batch = 4 per device x 2 accumulation x 1 process
-    expected = [learning_rate_at(s, peak=peak, minimum=1e-5, warmup_steps=2, total_steps=4) for s in range(4)]
+    expected = [_mae_adjust_learning_rate(s / 2, lr=peak, min_lr=1e-5, warmup_epochs=1, epochs=2) for s in range(4)]
     assert [r["lr"] for r in records] == pytest.approx(expected)
     assert sum(r["bad_images"] for r in records) >= 1  # the corrupt file was drawn, skipped and counted
     # rotation keeps only the newest checkpoint; each holds an HF model
@@ -248,7 +301,7 @@ def test_run_outputs(reference_run):
     final = output / "final"
     with safe_open(final / "model.safetensors", "pt") as handle:
         keys = set(handle.keys())
-    assert "decoder.decoder_layers.0.attention.attention.query.weight" in keys  # legacy names (NOTES section 2)
+    assert "decoder.decoder_layers.0.attention.attention.query.weight" in keys  # legacy names: 4.x and 5.x read them
     assert not any("decoder_encoder" in key for key in keys)
     assert isinstance(AutoModel.from_pretrained(final), ViTMAEModel)
     reloaded = ViTMAEForPreTraining.from_pretrained(final)

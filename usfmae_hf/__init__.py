@@ -1,7 +1,25 @@
 """usfmae-hf: USF-MAE, the ultrasound masked-autoencoder foundation model, for the Hugging Face stack.
 
+Each sub-package does one job. Layers, lowest first; a module imports only its own layer and the
+layers below it (``tests/test_architecture.py`` reads every import, lazy ones included, and fails on
+an upward import or a circle):
+
+1. ``errors``, ``failures`` (one-line reports of failures), ``version``, ``atomic`` (atomic writes),
+   ``launch`` (the training scripts' launcher)
+2. ``io``: files to RGB frames (images, DICOM incl. cine, volumes, video, HDF5), content hashes
+3. ``image``: USF-MAE's exact image processor, augmentations, scan-area crop and de-annotation
+4. ``ingest``: the OpenUS-46 catalogue and the de-duplicated Parquet dataset build
+5. ``publishing``: model and dataset cards, Hub uploads
+6. ``model``: the MAE key table, safe checkpoint reading, conversion, export, the reference MAE
+7. ``inference``: deterministic features, reconstructions, resumable feature files
+8. ``evaluation``: downstream adapters, leakage checks, metrics, probes, cross-validation, reports
+9. ``pretraining``: Accelerate MAE pretraining
+10. ``finetuning``: Trainer fine-tuning (heads, recipe, data transforms)
+11. ``quickstart``, ``commands``, ``cli``: the ``usfmae`` command line and its demo
+
 Heavy modules (torch, transformers) are imported on first use of a public name, so that
-``import usfmae_hf`` and ``usfmae --help`` stay fast.
+``import usfmae_hf`` and ``usfmae --help`` stay fast. Modules moved in 0.2 keep their old import
+paths for one release, with a ``DeprecationWarning``.
 """
 
 from __future__ import annotations
@@ -22,10 +40,10 @@ _LAZY_EXPORTS = {
     "load_frames": "usfmae_hf.io",
     "load_image": "usfmae_hf.io",
     "expand_inputs": "usfmae_hf.io",
-    "write_features": "usfmae_hf.inference.features",
+    "write_features": "usfmae_hf.inference.feature_files",
     "load_encoder": "usfmae_hf.inference.features",
     "extract_features": "usfmae_hf.inference.features",
-    "reconstruct": "usfmae_hf.inference.features",
+    "reconstruct": "usfmae_hf.inference.reconstruction",
 }
 
 __all__ = ["__version__", *_LAZY_EXPORTS]

@@ -41,20 +41,22 @@ MOVED_MODULES = {
 
 
 class _MovedModuleLoader(importlib.abc.Loader):
-    def __init__(self, new_name: str) -> None:
-        self.new_name = new_name
+    def __init__(self, module: ModuleType) -> None:
+        self.module = module
+        self.spec = module.__spec__
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
         warnings.warn(
-            f"{spec.name} moved to {self.new_name}; the old path will be removed in the next release",
+            f"{spec.name} moved to {self.module.__name__}; the old path will be removed in the next release",
             DeprecationWarning,
             stacklevel=2,
         )
-        return importlib.import_module(self.new_name)
+        return self.module
 
     def exec_module(self, module: ModuleType) -> None:
-        # The module is already executed at its new home; executing it again would make a copy.
-        pass
+        # The module already ran at its new home. The import system has just pointed its __spec__ at
+        # the old name; give it back its own, which importlib.resources and pickling rely on.
+        module.__spec__ = self.spec
 
 
 class _MovedModuleFinder(importlib.abc.MetaPathFinder):
@@ -62,7 +64,12 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder):
         new_name = MOVED_MODULES.get(fullname)
         if new_name is None:
             return None
-        return importlib.machinery.ModuleSpec(fullname, _MovedModuleLoader(new_name), is_package=True)
+        module = importlib.import_module(new_name)
+        is_package = hasattr(module, "__path__")
+        spec = importlib.machinery.ModuleSpec(fullname, _MovedModuleLoader(module), is_package=is_package)
+        if is_package:
+            spec.submodule_search_locations = list(module.__path__)
+        return spec
 
 
 def install() -> None:

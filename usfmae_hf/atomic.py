@@ -12,6 +12,12 @@ from pathlib import Path
 from usfmae_hf.errors import OutputExistsError
 
 
+def ensure_writable_output(path: str | os.PathLike, overwrite: bool) -> None:
+    """Raise :class:`OutputExistsError` if ``path`` exists and ``overwrite`` is false."""
+    if Path(path).exists() and not overwrite:
+        raise OutputExistsError(f"{path} already exists (pass --overwrite to replace it)")
+
+
 @contextlib.contextmanager
 def atomic_directory(output: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to ``output`` that replaces ``output`` on success.
@@ -20,8 +26,7 @@ def atomic_directory(output: str | os.PathLike, *, overwrite: bool = False) -> I
     file system. On any exception it is removed and an existing ``output`` is left untouched.
     """
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"{output} already exists (pass --overwrite to replace it)")
+    ensure_writable_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like a plain mkdir
@@ -50,8 +55,7 @@ def atomic_file(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
     file is removed and ``path`` is left untouched.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} already exists (pass --overwrite to replace it)")
+    ensure_writable_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600

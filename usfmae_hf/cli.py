@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from usfmae_hf import commands
-from usfmae_hf.errors import UsfmaeError
+from usfmae_hf.failures import DEBUG_ENVIRONMENT_VARIABLE, run_reporting_failures
 from usfmae_hf.version import __version__
 
 
@@ -24,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="USF-MAE ultrasound foundation model tools: conversion, features, data, training, publishing.",
     )
     parser.add_argument("--version", action="version", version=f"usfmae-hf {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show full tracebacks instead of one-line errors (also: {DEBUG_ENVIRONMENT_VARIABLE}=1)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{commands.__name__}.{module_info.name}")
@@ -37,15 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per HTTP request otherwise
-    try:
-        return int(args.func(args) or 0)
-    except UsfmaeError as error:
-        # Expected failures (bad input, refused checkpoints, ...) are one line, not a traceback.
-        print(f"usfmae {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"usfmae {args.command}: interrupted", file=sys.stderr)
-        return 130
+    # One failure path for every command: see usfmae_hf.failures (shared with the training scripts).
+    return run_reporting_failures(lambda: args.func(args), f"usfmae {args.command}", debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from usfmae_hf.errors import UsfmaeError
+from usfmae_hf.failures import run_reporting_failures
 
 
 def run_from_command_line(
@@ -19,21 +18,30 @@ def run_from_command_line(
 ) -> int:
     """Parse ``argv`` into ``dataclass_types`` with ``HfArgumentParser`` and call ``run`` on them.
 
-    Expected failures (:class:`UsfmaeError`) print ``PROG: error: ...`` and return 2. The
+    Failures are reported by :func:`usfmae_hf.failures.report_failure`: expected ones print
+    ``PROG: error: ...`` and return 2, unexpected ones one line and a traceback file (return 1;
+    ``USFMAE_DEBUG=1`` prints the traceback), Ctrl-C returns 130. The
     ``torch.distributed`` process group (torchrun, accelerate launch) is destroyed on the way out,
     which avoids an occasional abort at interpreter exit.
     """
-    import torch.distributed as dist
-    from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
-    parsed = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
-    try:
+    def parse_and_run() -> None:
+        from transformers import HfArgumentParser
+
+        parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
+        parsed = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
         run(*parsed)
-    except UsfmaeError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
+
+    try:
+        # Same failure path as the ``usfmae`` commands (set USFMAE_DEBUG=1 for tracebacks).
+        return run_reporting_failures(parse_and_run, prog)
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+        _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    import sys
+
+    dist = sys.modules.get("torch.distributed")  # not imported: no process group to destroy
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

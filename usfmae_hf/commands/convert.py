@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from usfmae_hf.commands import open_unit_fraction
+
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of the conversion, shared by ``usfmae convert`` and ``conversion/convert_usfmae_to_hf.py``."""
@@ -22,7 +24,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         choices=("vitmae", "vit"),
         default="vitmae",
         help="vitmae: ViTMAEForPreTraining with decoder (AutoModel gives ViTMAEModel); "
-        "vit: encoder-only ViTModel without pooler, for feature extraction and ViTForImageClassification "
+        "vit: encoder-only ViTModel (identity pooler: pooler_output is the normed CLS token), for features "
+        "and ViTForImageClassification "
         "(default: vitmae)",
     )
     parser.add_argument(
@@ -32,7 +35,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     )
     parser.add_argument(
         "--mask-ratio",
-        type=float,
+        type=open_unit_fraction,
         default=0.75,
         help="masking ratio recorded in the config for pretraining (default: 0.75)",
     )

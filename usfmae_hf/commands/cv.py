@@ -99,11 +99,10 @@ def _run_fold(args: argparse.Namespace, fold: int, output: Path, extra: list[str
 
     from transformers import HfArgumentParser, TrainingArguments
 
-    from usfmae_hf.errors import OutputExistsError
+    from usfmae_hf.atomic import ensure_writable_output
     from usfmae_hf.finetuning.run import DataArguments, ModelArguments, run_finetuning
 
-    if output.exists() and not args.overwrite:
-        raise OutputExistsError(f"{output} already exists (pass --overwrite to replace it)")
+    ensure_writable_output(output, args.overwrite)
     argv = [
         "--model_name_or_path",
         str(args.model),

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from usfmae_hf.commands import positive_int, torch_device
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -13,7 +15,7 @@ def run_features(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from usfmae_hf.inference.features import write_features
+    from usfmae_hf.inference.feature_files import write_features
 
     result = write_features(
         args.inputs,
@@ -62,11 +64,13 @@ def register(subparsers) -> None:
         default="cls",
         help="cls: CLS token; mean: mean of patch tokens; patches: all patch tokens in spatial order (default: cls)",
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="frames per forward pass (default: 32)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="frames per forward pass (default: 32)")
     parser.add_argument(
-        "--frame-stride", type=int, default=1, help="keep every n-th frame of cines and videos (default: 1)"
+        "--frame-stride", type=positive_int, default=1, help="keep every n-th frame of cines and videos (default: 1)"
     )
-    parser.add_argument("--slice-stride", type=int, default=1, help="keep every n-th slice of 3-D volumes (default: 1)")
+    parser.add_argument(
+        "--slice-stride", type=positive_int, default=1, help="keep every n-th slice of 3-D volumes (default: 1)"
+    )
     parser.add_argument(
         "--axis",
         type=int,
@@ -74,7 +78,9 @@ def register(subparsers) -> None:
         default=0,
         help="volume axis to slice along, in (z, y, x) order (default: 0)",
     )
-    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument(
+        "--device", type=torch_device, default=None, help="torch device, e.g. cpu or cuda (default: cpu)"
+    )
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default: float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

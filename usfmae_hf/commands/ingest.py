@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from usfmae_hf.commands import positive_int
+
 
 def _resize(value: str) -> int | None:
     if value.lower() == "none":
@@ -55,8 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--include-heldout", action="store_true", help="also ingest the evaluation sets BUS-BRA, MMOTU-2D, GIST514-DB"
     )
     parser.add_argument("--num-proc", type=int, default=1, metavar="N", help="decoding processes (default 1)")
-    parser.add_argument("--frame-stride", type=int, default=1, metavar="K", help="keep every K-th cine/video frame")
-    parser.add_argument("--slice-stride", type=int, default=1, metavar="K", help="keep every K-th volume slice")
+    parser.add_argument(
+        "--frame-stride", type=positive_int, default=1, metavar="K", help="keep every K-th cine/video frame"
+    )
+    parser.add_argument(
+        "--slice-stride", type=positive_int, default=1, metavar="K", help="keep every K-th volume slice"
+    )
     parser.add_argument(
         "--resize",
         type=_resize,
@@ -82,7 +88,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from usfmae_hf.ingest.build import IngestOptions, ingest, push_build_to_hub
+    from usfmae_hf.ingest.build import IngestOptions, ingest
+    from usfmae_hf.publishing.hub import push_build_to_hub
 
     options = IngestOptions(
         resize=args.resize,

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-TASKS = ("busbra", "mmotu2d", "gist514")
+from usfmae_hf.commands import positive_int, torch_device
+from usfmae_hf.evaluation.labelled import TASKS
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,8 +89,10 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--C", dest="c", type=float, default=1.0, help="inverse L2 regularisation of --method linear (default: 1.0)"
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="images per encoder forward pass (default: 32)")
-    parser.add_argument("--device", help="torch device for the encoder (default: CPU)")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=32, help="images per encoder forward pass (default: 32)"
+    )
+    parser.add_argument("--device", type=torch_device, help="torch device for the encoder (default: CPU)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the probe (default: 0)")
 
 

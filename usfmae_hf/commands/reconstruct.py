@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from usfmae_hf.commands import open_unit_fraction
+
 
 def run_reconstruct(args: argparse.Namespace) -> int:
-    from usfmae_hf.errors import OutputExistsError, UnreadableImageError
-    from usfmae_hf.inference.features import reconstruct
+    from usfmae_hf.atomic import ensure_writable_output
+    from usfmae_hf.errors import UnreadableImageError
+    from usfmae_hf.inference.reconstruction import reconstruct
     from usfmae_hf.io import load_frames
 
-    if args.output.exists() and not args.overwrite:
-        raise OutputExistsError(f"{args.output} already exists (pass --overwrite to replace it)")
+    ensure_writable_output(args.output, args.overwrite)
     frame = next((f for f in load_frames(args.input) if f.index == args.frame), None)
     if frame is None:
         raise UnreadableImageError(f"{args.input}: has no frame {args.frame}")
@@ -34,7 +36,9 @@ def register(subparsers) -> None:
         "--model", "-m", type=Path, required=True, help="converted vitmae model directory (with decoder)"
     )
     parser.add_argument("--output", "-o", type=Path, required=True, help="PNG file to write")
-    parser.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches to hide (default: 0.75)")
+    parser.add_argument(
+        "--mask-ratio", type=open_unit_fraction, default=0.75, help="fraction of patches to hide (default: 0.75)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random mask (default: 0)")
     parser.add_argument("--frame", type=int, default=0, help="frame or slice index in a multi-frame file (default: 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")

@@ -10,6 +10,7 @@ plus the patient column where one exists.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -17,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from usfmae_hf.errors import UsfmaeError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["BUSBRA_CLASSES", "MMOTU2D_CLASSES", "load_busbra", "load_gist514", "load_mmotu2d"]
 
@@ -69,16 +72,38 @@ def _resolve(files: dict[str, Path], names: list[str], dataset: str) -> list[str
 
 
 def _carve_validation(
-    labels: np.ndarray, groups: np.ndarray | None, val_fraction: float, seed: int
+    labels: np.ndarray, groups: np.ndarray | None, val_fraction: float, seed: int, *, dataset: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of (train, validation): patient-disjoint when ``groups`` is given, else stratified by label."""
-    from sklearn.model_selection import GroupShuffleSplit, StratifiedShuffleSplit
+    """Indices of (train, validation): patient-disjoint when ``groups`` is given, else stratified by label.
+
+    A split too small to stratify (fewer validation images than classes, or a class with one image)
+    falls back to an unstratified shuffle split, with a warning; fewer than two images (or patients)
+    is one clear error naming the dataset.
+    """
+    from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit, StratifiedShuffleSplit
 
     if not 0.0 < val_fraction < 1.0:
         raise UsfmaeError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    units = len(set(groups.tolist())) if groups is not None else len(labels)
+    if units < 2:
+        what = "patients" if groups is not None else "training images"
+        raise UsfmaeError(f"{dataset}: {units} {what} cannot be split into train and validation; at least 2 are needed")
     if groups is not None:
         splitter = GroupShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
         return next(splitter.split(labels, labels, groups))
+    n_validation = max(1, int(np.ceil(val_fraction * len(labels))))
+    _, counts = np.unique(labels, return_counts=True)
+    if n_validation < len(counts) or counts.min() < 2 or len(labels) - n_validation < len(counts):
+        logger.warning(
+            "%s: %d training images in %d classes are too few for a stratified %.0f%% validation split; "
+            "using an unstratified one (some classes may be missing from validation)",
+            dataset,
+            len(labels),
+            len(counts),
+            100 * val_fraction,
+        )
+        splitter = ShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
+        return next(splitter.split(labels))
     splitter = StratifiedShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
     return next(splitter.split(labels, labels))
 
@@ -136,7 +161,7 @@ def load_busbra(root: str | os.PathLike, fold: int = 1, n_folds: int = 5, val_fr
     is_test = table[f"valid_{fold}"].isna().to_numpy()
     rest = np.flatnonzero(~is_test)
     train, validation = _carve_validation(
-        np.asarray(columns["label"])[rest], table["Case"].to_numpy()[rest], val_fraction, seed
+        np.asarray(columns["label"])[rest], table["Case"].to_numpy()[rest], val_fraction, seed, dataset="BUS-BRA"
     )
     description = (
         f"BUS-BRA benign vs malignant. test: official fold {fold} of {n_folds}-fold-cv.csv (valid_{fold} empty, "
@@ -184,7 +209,7 @@ def load_mmotu2d(root: str | os.PathLike, val_fraction: float = 0.2, seed: int =
         return {"image": _resolve(files, names, "MMOTU-2D"), "label": labels, "id": [Path(n).stem for n in names]}
 
     train_all, test = columns(train_file), columns(test_file)
-    train, validation = _carve_validation(np.asarray(train_all["label"]), None, val_fraction, seed)
+    train, validation = _carve_validation(np.asarray(train_all["label"]), None, val_fraction, seed, dataset="MMOTU-2D")
     description = (
         "MMOTU-2D ovarian tumour classification (8 classes). test: the release's val_cls.txt. "
         f"train/validation: train_cls.txt split with StratifiedShuffleSplit(test_size={val_fraction}, "
@@ -238,7 +263,9 @@ def load_gist514(root: str | os.PathLike, split: int = 0, val_fraction: float = 
     (train_all, classes), (test, test_classes) = columns(train_file), columns(test_file)
     if classes != test_classes:
         raise UsfmaeError(f"GIST514-DB: train and test categories differ: {classes} vs {test_classes}")
-    train, validation = _carve_validation(np.asarray(train_all["label"]), None, val_fraction, seed)
+    train, validation = _carve_validation(
+        np.asarray(train_all["label"]), None, val_fraction, seed, dataset="GIST514-DB"
+    )
     description = (
         f"GIST514-DB endoscopic ultrasound, classes {list(classes)} (lmym = leiomyoma). test: "
         f"val_anno_crop_split_{split}.json; train/validation: train_anno_crop_split_{split}.json split with "

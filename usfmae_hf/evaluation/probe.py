@@ -17,8 +17,8 @@ import numpy as np
 
 from usfmae_hf.atomic import atomic_directory
 from usfmae_hf.errors import UsfmaeError
+from usfmae_hf.evaluation.labelled import EVAL_SPLITS, check_labels, drop_unreadable, load_labelled_images
 from usfmae_hf.evaluation.reporting import evaluate_split, flatten_results, write_results
-from usfmae_hf.finetuning.data import EVAL_SPLITS, check_labels, drop_unreadable, load_labelled_images
 
 Method = Literal["linear", "knn"]
 METHODS: tuple[str, ...] = ("linear", "knn")

@@ -16,13 +16,13 @@ from transformers import AutoConfig, PreTrainedModel
 
 from usfmae_hf.errors import CheckpointError
 from usfmae_hf.finetuning.modeling_usfmae import UsfmaeClassifierConfig, UsfmaeForImageClassification
+from usfmae_hf.model.directory import ENCODER_MODEL_TYPES, encoder_fields
 from usfmae_hf.model.loading import quiet_loading_report
 
 logger = logging.getLogger(__name__)
 
 Head = Literal["cls", "mean"]
 HEADS: tuple[str, ...] = ("cls", "mean")
-_ENCODER_TYPES = ("vit", "vit_mae")
 
 
 def label_maps(label_names: Sequence[str]) -> dict[str, dict]:
@@ -52,13 +52,14 @@ def build_classifier(
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
     source = AutoConfig.from_pretrained(model_name_or_path)
-    if source.model_type not in _ENCODER_TYPES:
+    if source.model_type not in ENCODER_MODEL_TYPES:
         raise CheckpointError(
-            f"{model_name_or_path} holds a {source.model_type!r} model; expected one of {', '.join(_ENCODER_TYPES)}"
+            f"{model_name_or_path} holds a {source.model_type!r} model; "
+            f"expected one of {', '.join(ENCODER_MODEL_TYPES)}"
         )
     # A clean config (model_type "vit" or "usfmae_classifier") rather than the source's vit_mae one, which
     # AutoModelForImageClassification cannot map and which carries decoder fields.
-    fields = {name: getattr(source, name) for name in ViTConfig.__annotations__ if hasattr(source, name)}
+    fields = encoder_fields(source)
     fields.update(num_labels=len(label_names), **label_maps(label_names))
     vit_config = ViTConfig(**fields)
     if head == "cls":

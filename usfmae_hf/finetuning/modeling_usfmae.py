@@ -12,16 +12,24 @@ std 2e-5, and residual branches use stochastic depth (drop-path) during training
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
-from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import ViTConfig
-from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.models.vit.modeling_vit import ViTLayer, ViTModel, ViTPreTrainedModel
 
+try:  # transformers 5.x: initialisers that skip weights already loaded from a checkpoint
+    from transformers import initialization as init
+except ImportError:  # transformers 4.x: it only initialises missing weights, plain torch is enough
+    from torch.nn import init
 
-@strict
+# transformers 5.x configs are strict dataclasses (huggingface_hub is a transformers dependency);
+# 4.x configs are plain classes whose extra fields come through ``__init__``.
+_DATACLASS_CONFIG = dataclasses.is_dataclass(ViTConfig)
+
+
 class UsfmaeClassifierConfig(ViTConfig):
     """``ViTConfig`` plus the MAE head options.
 
@@ -34,6 +42,19 @@ class UsfmaeClassifierConfig(ViTConfig):
     drop_path_rate: float = 0.0
     head_init_std: float = 2e-5
 
+    if not _DATACLASS_CONFIG:
+
+        def __init__(self, drop_path_rate: float = 0.0, head_init_std: float = 2e-5, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.drop_path_rate = drop_path_rate
+            self.head_init_std = head_init_std
+
+
+if _DATACLASS_CONFIG:
+    from huggingface_hub.dataclasses import strict
+
+    UsfmaeClassifierConfig = strict(UsfmaeClassifierConfig)
+
 
 def drop_path(hidden_states: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     """Stochastic depth: zero a residual branch for a random subset of samples, rescaling the others."""
@@ -45,7 +66,12 @@ def drop_path(hidden_states: torch.Tensor, rate: float, training: bool) -> torch
 
 
 class UsfmaeViTLayer(ViTLayer):
-    """A ``ViTLayer`` (same parameters and names) whose two residual branches use drop-path."""
+    """A ``ViTLayer`` (same parameters and names) whose two residual branches use drop-path.
+
+    transformers 5.x layers have ``attention`` (returning output and weights), ``mlp`` and ``dropout``;
+    4.x layers have ``attention`` (returning the output, dropout included), ``intermediate`` and
+    ``output`` (dense, dropout and the residual sum, which is redone here to drop the branch).
+    """
 
     def __init__(self, config: UsfmaeClassifierConfig, drop_path_rate: float) -> None:
         super().__init__(config)
@@ -54,10 +80,18 @@ class UsfmaeViTLayer(ViTLayer):
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> torch.Tensor:
-        attention_output, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
-        hidden_states = hidden_states + drop_path(self.dropout(attention_output), self.drop_path_rate, self.training)
-        mlp_output = self.mlp(self.layernorm_after(hidden_states))
-        return hidden_states + drop_path(self.dropout(mlp_output), self.drop_path_rate, self.training)
+        if hasattr(self, "mlp"):  # transformers 5.x
+            attention_output, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
+            hidden_states = hidden_states + drop_path(
+                self.dropout(attention_output), self.drop_path_rate, self.training
+            )
+            mlp_output = self.dropout(self.mlp(self.layernorm_after(hidden_states)))
+        else:  # transformers 4.x: the second positional argument is the head mask
+            attention_output = self.attention(self.layernorm_before(hidden_states), attention_mask)
+            hidden_states = hidden_states + drop_path(attention_output, self.drop_path_rate, self.training)
+            mlp_output = self.intermediate(self.layernorm_after(hidden_states))
+            mlp_output = self.output.dropout(self.output.dense(mlp_output))
+        return hidden_states + drop_path(mlp_output, self.drop_path_rate, self.training)
 
 
 class UsfmaeForImageClassification(ViTPreTrainedModel):
@@ -70,7 +104,11 @@ class UsfmaeForImageClassification(ViTPreTrainedModel):
         self.num_labels = config.num_labels
         self.vit = ViTModel(config, add_pooling_layer=False)
         rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
-        self.vit.layers = nn.ModuleList(UsfmaeViTLayer(config, rate) for rate in rates)
+        layers = nn.ModuleList(UsfmaeViTLayer(config, rate) for rate in rates)
+        if hasattr(self.vit, "layers"):  # transformers 5.x
+            self.vit.layers = layers
+        else:  # transformers 4.x
+            self.vit.encoder.layer = layers
         self.vit.layernorm = nn.Identity()
         self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)

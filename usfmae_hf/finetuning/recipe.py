@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-# Parameters that never get weight decay in the MAE recipe besides biases and norms (timm's no_weight_decay).
-_NO_DECAY_NAMES = ("cls_token", "position_embeddings", "mask_token")
+from usfmae_hf.model.parameters import is_no_decay
+
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 # The original MAE fine-tuning recipe for ViT-B (Table 9 of He et al. 2022, ``main_finetune.py``).
@@ -67,7 +67,7 @@ def layer_decay_param_groups(
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        decays = name in decay_names and not name.endswith(_NO_DECAY_NAMES)
+        decays = name in decay_names and not is_no_decay(name, parameter, one_dimensional=False)
         depth = layer_id(name, num_layers)
         group = groups.setdefault(
             (depth, decays),

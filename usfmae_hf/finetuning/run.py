@@ -60,15 +60,16 @@ class ModelArguments:
         metadata={
             "help": "Preset filling every option left unset: 'mae' = original MAE fine-tuning (mean head, "
             "blr 5e-4, layer decay 0.65, drop-path 0.1, label smoothing 0.1, mixup 0.8, cutmix 1.0, weight decay "
-            "0.05, warmup over 0.05 of the steps).",
+            "0.05, warmup over 0.05 of the steps, mae augmentation).",
             "choices": list(RECIPES),
         },
     )
-    augment: str = field(
-        default="usfmae",
+    augment: str | None = field(
+        default=None,
         metadata={
             "help": "Training augmentation: usfmae (resize, rotation 0-90, flips, RandomResizedCrop 0.5-2.0), "
-            "mae (RandomResizedCrop 0.2-1 bicubic + flip) or none.",
+            "mae (RandomResizedCrop 0.2-1 bicubic + flip) or none. Unset: the --recipe preset's (mae for "
+            "'mae'), else usfmae.",
             "choices": list(AUGMENTS),
         },
     )
@@ -152,6 +153,7 @@ def resolve_recipe(model_args: ModelArguments, training_args: TrainingArguments)
         name: value if value is not None else preset.get(name, default)
         for name, default in (
             ("head", "cls"),
+            ("augment", "usfmae"),
             ("blr", None),
             ("layer_decay", 1.0),
             ("drop_path", 0.0),
@@ -176,7 +178,6 @@ def resolve_recipe(model_args: ModelArguments, training_args: TrainingArguments)
     if options["blr"] is not None:
         training_args.learning_rate = scaled_learning_rate(options["blr"], training_args)
     options.update(
-        augment=model_args.augment,
         learning_rate=training_args.learning_rate,
         weight_decay=training_args.weight_decay,
         class_weighted_loss=model_args.class_weighted_loss,

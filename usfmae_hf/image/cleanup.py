@@ -5,7 +5,7 @@ OpenCV (``pip install 'usfmae-hf[annotations]'``).
 
 * :func:`crop_to_scan_area` keeps the bounding box of the largest textured, non-background region:
   the B-mode sector or rectangle, without the text, rulers and logos around it.
-* :func:`remove_annotations` follows USF-MAE's offline de-annotation (NOTES section 1): masks of
+* :func:`remove_annotations` follows USF-MAE's offline de-annotation: masks of
   burned-in text and grey caliper marks (bright, thin strokes) and of coloured markers (saturated
   pixels) are OR-ed, closed and opened with a 5x5 kernel, and inpainted (Navier-Stokes, radius 3).
   USF-MAE found text with OCR; a white top-hat finds the same thin bright glyphs without an OCR

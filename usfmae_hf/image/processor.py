@@ -6,7 +6,8 @@ torchvision one resizes tensors, and its NEAREST picks a neighbouring source pix
 scale is not an integer (640 -> 224: 20 of 224 columns), up to 4.5 in normalised units off;
 ``ViTImageProcessorPil`` resizes with PIL, as USF-MAE did, and matches it exactly. So:
 
-* :func:`build_image_processor` returns a ``ViTImageProcessorPil``. Its saved
+* :func:`build_image_processor` returns a :class:`UsfmaeImageProcessor` (``ViTImageProcessorPil`` with
+  USF-MAE's alpha handling). Its saved
   ``preprocessor_config.json`` is a plain ``ViTImageProcessor`` config that any transformers
   version loads; under transformers 5, ``AutoImageProcessor.from_pretrained(path, backend="pil")``
   (or :func:`load_image_processor`) gives the exact transform, the default backend the approximate one.
@@ -34,7 +35,36 @@ NEAREST = 0  # PIL.Image.Resampling.NEAREST / transformers' PILImageResampling.N
 PROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 
 
-class UltrasoundImageProcessor(ViTImageProcessorPil):
+class UsfmaeImageProcessor(ViTImageProcessorPil):
+    """``ViTImageProcessorPil`` whose RGB step is PIL's ``convert("RGB")``, as in USF-MAE.
+
+    transformers 5 composites RGBA, LA and transparent-palette images onto white before converting;
+    ``convert("RGB")`` (what USF-MAE trained with) drops the alpha channel instead. This class drops it,
+    so the numbers equal USF-MAE's transform for every image mode. It saves a plain
+    ``ViTImageProcessor`` config, so a stock transformers install still loads the directory (and then
+    composites alpha onto white: the one difference left on that path).
+    """
+
+    def convert_to_rgb(self, image: Any, input_data_format: Any = None) -> np.ndarray:
+        if isinstance(image, Image.Image):
+            return np.asarray(image.convert("RGB"))
+        if isinstance(image, np.ndarray) and image.ndim == 3:
+            from transformers.image_utils import ChannelDimension, infer_channel_dimension_format
+
+            if input_data_format is None:
+                input_data_format = infer_channel_dimension_format(image, num_channels=(1, 3, 4))
+            channel_axis = -1 if input_data_format == ChannelDimension.LAST else 0
+            if image.shape[channel_axis] == 4:
+                return np.moveaxis(np.moveaxis(image, channel_axis, -1)[..., :3], -1, channel_axis)
+        return super().convert_to_rgb(image, input_data_format=input_data_format)
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output["image_processor_type"] = "ViTImageProcessor"
+        return output
+
+
+class UltrasoundImageProcessor(UsfmaeImageProcessor):
     """``ViTImageProcessorPil`` preceded by optional ultrasound clean-up of each image.
 
     Args:
@@ -121,7 +151,7 @@ def build_image_processor(
         return UltrasoundImageProcessor(
             crop_to_scan_area=crop_to_scan_area, remove_annotations=remove_annotations, **kwargs
         )
-    return ViTImageProcessorPil(**kwargs)
+    return UsfmaeImageProcessor(**kwargs)
 
 
 def load_image_processor(path: str | os.PathLike, *, image_size: int | None = None) -> ViTImageProcessorPil:
@@ -131,8 +161,12 @@ def load_image_processor(path: str | os.PathLike, *, image_size: int | None = No
     ``config.json`` ``image_size``) when the directory has no ``preprocessor_config.json``.
     """
     path = Path(path)
-    if (path / PROCESSOR_CONFIG_NAME).is_file():
-        return AutoImageProcessor.from_pretrained(path, backend="pil")
+    config_file = path / PROCESSOR_CONFIG_NAME
+    if config_file.is_file():
+        if json.loads(config_file.read_text()).get("image_processor_type") == UltrasoundImageProcessor.__name__:
+            return AutoImageProcessor.from_pretrained(path, backend="pil")
+        # A plain ViT config: the same settings, with USF-MAE's alpha handling.
+        return UsfmaeImageProcessor.from_pretrained(path)
     if image_size is None:
         image_size = int(json.loads((path / "config.json").read_text())["image_size"])
     return build_image_processor(image_size)

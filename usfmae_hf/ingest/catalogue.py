@@ -117,7 +117,7 @@ class DatasetEntry:
         return match.group(1) if match else None
 
 
-# Layouts established in NOTES §6 (stored copies of the real files or the official loaders).
+# Layouts read off copies of the real files or the datasets' official loaders.
 _LAYOUT_RULES: dict[str, dict] = {
     "BUS-BRA": dict(
         aliases=("BUSBRA",),

@@ -19,7 +19,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, iter_pixels
 
 from usfmae_hf.errors import UnreadableImageError
-from usfmae_hf.io import Frame
+from usfmae_hf.io.frame import Frame
 from usfmae_hf.io.pixels import stretch_to_uint8, to_rgb_uint8
 
 

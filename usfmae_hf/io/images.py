@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from usfmae_hf.errors import UnreadableImageError
-from usfmae_hf.io import Frame
+from usfmae_hf.io.frame import Frame
 from usfmae_hf.io.pixels import to_rgb_uint8
 
 # Pillow modes holding more than 8 bits per sample; ``convert("RGB")`` would clip them at 255.

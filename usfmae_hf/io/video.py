@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from usfmae_hf.errors import UnreadableImageError, UsfmaeError
-from usfmae_hf.io import Frame
+from usfmae_hf.io.frame import Frame
 from usfmae_hf.io.pixels import import_optional
 
 

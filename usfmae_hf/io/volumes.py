@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from usfmae_hf.errors import UnreadableImageError, UsfmaeError
-from usfmae_hf.io import Frame, file_suffix
+from usfmae_hf.io.frame import Frame, file_suffix
 from usfmae_hf.io.pixels import import_optional, stretch_to_uint8, to_rgb_uint8
 
 

@@ -12,6 +12,7 @@ import hashlib
 import math
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from usfmae_hf.errors import CheckpointError
+from usfmae_hf.failures import one_line
 from usfmae_hf.model.keys import is_decoder_key
 
 # Layout names recorded in the provenance of converted models.
@@ -127,23 +129,95 @@ def load_original_checkpoint(path: str | Path) -> OriginalCheckpoint:
 def _read_pickle(path: Path):
     try:
         # mmap keeps peak memory near the file size; Namespace is how MAE stores its "args".
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # torch warns (in lines mentioning weights_only) about protocol-4 pickles; the error below says it.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as error:
-        culprit = re.search(r"GLOBAL ([\w.]+)", str(error))
-        if culprit is None:  # not a refused import: the pickle stream itself is broken
-            raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_line(error)})") from None
-        raise CheckpointError(
-            f"{path}: refused: the pickle would import and run code ({culprit.group(1)}); nothing was executed. "
-            "Only plain tensor checkpoints are accepted."
-        ) from None
+        match = re.search(r"GLOBAL ([\w.]+)", str(error))
+        culprit, readable = (match.group(1), True) if match else _inspect_pickle(path)
+        if culprit is not None:
+            raise CheckpointError(
+                f"{path}: refused: the pickle would import and run code ({culprit}); nothing was executed. "
+                "Only plain tensor checkpoints are accepted."
+            ) from None
+        if readable and _WEIGHTS_ONLY_FAILURE in str(error):  # e.g. protocol 4 opcodes the safe loader lacks
+            raise CheckpointError(
+                f"{path}: refused: the safe checkpoint loader cannot read this pickle ({_first_line(error)}); "
+                "nothing was executed. Re-save the state dict with a current torch.save, or as safetensors."
+            ) from None
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_line(error)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_line(error)})") from None
 
 
+_WEIGHTS_ONLY_FAILURE = "Weights only load failed"
+# Modules whose globals a plain tensor checkpoint legitimately names (torch's rebuild functions,
+# storages, OrderedDict, MAE's argparse.Namespace); anything else in a refused pickle is code.
+_DATA_MODULES = ("torch", "collections", "argparse", "numpy", "_codecs", "builtins")
+
+
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    # torch's weights_only errors advise disabling weights_only, i.e. running the pickle: never passed on.
+    return one_line(str(error)) or type(error).__name__
+
+
+def _inspect_pickle(path: Path) -> tuple[str | None, bool]:
+    """The first non-data global a refused pickle names, and whether its first pickle parses.
+
+    Found by reading opcodes with :mod:`pickletools`: nothing is imported or executed.
+    """
+    import pickletools
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith(".pkl")]
+                streams = [archive.read(n) for n in names]
+            results = [_scan_pickles(pickletools, stream, 1) for stream in streams]
+            culprit = next((culprit for culprit, _ in results if culprit is not None), None)
+            return culprit, bool(results) and all(readable for _, readable in results)
+        # Legacy files are several pickles in a row: magic number, protocol, sys info, the object.
+        return _scan_pickles(pickletools, path.read_bytes(), 4)
+    except (OSError, ValueError, zipfile.BadZipFile, RuntimeError):
+        return None, False
+
+
+def _scan_pickles(pickletools, data: bytes, count: int) -> tuple[str | None, bool]:
+    import io
+
+    handle = io.BytesIO(data)
+    for number in range(count):
+        strings: list[str] = []  # string pushes, the operands of STACK_GLOBAL
+        memo: dict[int, str] = {}  # memoized strings by memo index
+        memo_count = 0
+        last_string: str | None = None
+        try:
+            for opcode, arg, _position in pickletools.genops(handle):
+                name, pushed, last_string = opcode.name, last_string, None
+                culprit = None
+                if name in ("GLOBAL", "INST"):
+                    culprit = str(arg).replace(" ", ".")
+                elif name == "STACK_GLOBAL" and len(strings) >= 2:
+                    culprit = f"{strings[-2]}.{strings[-1]}"
+                elif isinstance(arg, str) and ("UNICODE" in name or name.endswith("STRING")):
+                    strings.append(arg)
+                    last_string = arg
+                elif name == "MEMOIZE":
+                    if pushed is not None:
+                        memo[memo_count] = pushed
+                    memo_count += 1
+                elif name in ("BINPUT", "LONG_BINPUT", "PUT") and pushed is not None:
+                    memo[int(arg)] = pushed
+                elif name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:
+                    strings.append(memo[int(arg)])
+                    last_string = memo[int(arg)]
+                if culprit is not None and culprit.split(".")[0] not in _DATA_MODULES:
+                    return culprit, True
+        except Exception:  # not a pickle, or past the last one (raw storage bytes)
+            return None, number > 0
+    return None, True
+    return None
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -153,7 +227,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({error})") from None
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({_first_line(error)})") from None
 
 
 def _is_zip(path: Path) -> bool:

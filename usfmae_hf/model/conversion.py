@@ -19,10 +19,10 @@ from typing import Literal
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import PretrainedConfig, ViTConfig, ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel, ViTModel
+from transformers import AutoConfig, PretrainedConfig, ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel, ViTModel
 
-from usfmae_hf.atomic import atomic_directory, atomic_file
-from usfmae_hf.errors import CheckpointError, OutputExistsError, VerificationError
+from usfmae_hf.atomic import atomic_directory, atomic_file, ensure_writable_output
+from usfmae_hf.errors import CheckpointError, VerificationError
 from usfmae_hf.image.processor import build_image_processor
 from usfmae_hf.model.checkpoints import (
     OriginalCheckpoint,
@@ -30,7 +30,9 @@ from usfmae_hf.model.checkpoints import (
     load_original_checkpoint,
     validate_mae_state_dict,
 )
+from usfmae_hf.model.directory import encoder_config, model_type
 from usfmae_hf.model.keys import current_to_legacy, current_to_original, is_decoder_key, original_to_current
+from usfmae_hf.model.loading import quiet_loading_report
 from usfmae_hf.model.reference_mae import ReferenceMAE
 from usfmae_hf.version import __version__
 
@@ -69,7 +71,7 @@ def convert_checkpoint(
         checkpoint_path: ``.pt``/``.pth`` (bare state dict, ``{"model": ...}``, or encoder-only) or ``.safetensors``.
         output_dir: directory to create; it appears only once complete.
         output_format: ``"vitmae"`` (``ViTMAEForPreTraining``, or ``ViTMAEModel`` for encoder-only
-            input) or ``"vit"`` (encoder-only ``ViTModel``, no pooler).
+            input) or ``"vit"`` (encoder-only ``ViTModel`` with an identity pooler, see :func:`identity_pooler`).
         norm_pix_loss: whether the model was trained on per-patch normalised pixels (recorded in the
             config; it changes the loss and how reconstructions are shown). USF-MAE: ``False``.
         mask_ratio: masking ratio recorded in the config (pretraining default 0.75).
@@ -89,8 +91,7 @@ def convert_checkpoint(
         raise ValueError(f"output_format must be 'vitmae' or 'vit', got {output_format!r}")
     if not 0.0 < float(mask_ratio) < 1.0:
         raise CheckpointError(f"mask ratio must be in (0, 1), got {mask_ratio}")
-    if output_dir.exists() and not overwrite:
-        raise OutputExistsError(f"{output_dir} already exists (pass --overwrite to replace it)")
+    ensure_writable_output(output_dir, overwrite)
 
     checkpoint = load_original_checkpoint(checkpoint_path)
     arch = infer_vitmae_config_kwargs(
@@ -119,7 +120,10 @@ def convert_checkpoint(
 
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
         config.save_pretrained(staging)
-        save_legacy_safetensors(model.state_dict(), staging / "model.safetensors", prefix=prefix)
+        state_dict = model.state_dict()
+        if output_format == "vit":
+            state_dict |= identity_pooler(config.hidden_size)
+        save_legacy_safetensors(state_dict, staging / "model.safetensors", prefix=prefix)
         build_image_processor(config.image_size).save_pretrained(staging)
         _write_card(staging, config, provenance)
     return ConversionResult(output_dir, checkpoint.layout, config, diffs)
@@ -129,20 +133,9 @@ def _build_config(
     arch: dict, output_format: str, has_decoder: bool, norm_pix_loss: bool, mask_ratio: float, provenance: dict
 ) -> PretrainedConfig:
     if output_format == "vit":
-        encoder_keys = (
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "hidden_act",
-            "qkv_bias",
-            "layer_norm_eps",
-            "image_size",
-            "patch_size",
-            "num_channels",
-        )
-        return ViTConfig(
-            **{k: arch[k] for k in encoder_keys}, architectures=["ViTModel"], **{PROVENANCE_KEY: provenance}
+        # pooler_act "linear" + identity_pooler(): pooler_output is the CLS token after the final norm
+        return encoder_config(
+            ViTMAEConfig(**arch), architectures=["ViTModel"], pooler_act="linear", **{PROVENANCE_KEY: provenance}
         )
     architecture = "ViTMAEForPreTraining" if has_decoder else "ViTMAEModel"
     return ViTMAEConfig(
@@ -152,6 +145,19 @@ def _build_config(
         architectures=[architecture],
         **{PROVENANCE_KEY: provenance},
     )
+
+
+def identity_pooler(hidden_size: int) -> dict[str, torch.Tensor]:
+    """Weights of a ``ViTPooler`` that passes the CLS token through unchanged (with ``pooler_act="linear"``).
+
+    ``AutoModel`` builds ``ViTModel`` with a pooler; without stored weights it would be random and
+    differ between loads. MAE has no pooler, so the encoder-only directory stores this identity one:
+    ``pooler_output`` is then the CLS token after the final LayerNorm, the same on every load.
+    """
+    return {
+        "pooler.dense.weight": torch.eye(hidden_size),
+        "pooler.dense.bias": torch.zeros(hidden_size),
+    }
 
 
 def _build_model_on_tensors(config: PretrainedConfig, checkpoint: OriginalCheckpoint, output_format: str):
@@ -262,7 +268,7 @@ def save_legacy_safetensors(
     """Save a ViT/ViTMAE state dict (current 5.x names) under the legacy Hub names.
 
     Use this instead of ``save_pretrained`` for ViTMAE weights: 5.x's reverse renaming writes
-    decoder names that transformers 4.x silently ignores (NOTES, section 2).
+    decoder names that transformers 4.x silently ignores (its decoder would be re-initialised).
     """
     legacy = current_to_legacy(state_dict, prefix=prefix)
     # safetensors refuses tensors that share storage; q/k/v split from one qkv matrix do.
@@ -308,35 +314,23 @@ def export_original(model_dir: str | os.PathLike, output_file: str | os.PathLike
     gives an encoder-only file. Converting the result again reproduces the directory's tensors.
     """
     model_dir, output_file = Path(model_dir), Path(output_file)
-    if output_file.exists() and not overwrite:  # checked before the (slow) model load, too
-        raise OutputExistsError(f"{output_file} already exists (pass --overwrite to replace it)")
+    ensure_writable_output(output_file, overwrite)  # checked before the (slow) model load, too
     weights = model_dir / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{model_dir}: no model.safetensors (is this a converted model directory?)")
     with safe_open(weights, framework="pt") as handle:
         has_decoder = any(key.startswith("decoder.") for key in handle.keys())
-    config = (
-        ViTMAEConfig.from_pretrained(model_dir)
-        if _model_type(model_dir) == "vit_mae"
-        else ViTConfig.from_pretrained(model_dir)
-    )
-    if config.model_type == "vit_mae" and has_decoder:
+    model_type(model_dir)  # a clear error for anything but a vit_mae or vit directory
+    config = AutoConfig.from_pretrained(model_dir)
+    if isinstance(config, ViTMAEConfig) and has_decoder:
         model, prefix = ViTMAEForPreTraining.from_pretrained(model_dir), "vit."
-    elif config.model_type == "vit_mae":
+    elif isinstance(config, ViTMAEConfig):
         model, prefix = ViTMAEModel.from_pretrained(model_dir), ""
     else:
-        model, prefix = ViTModel.from_pretrained(model_dir, add_pooling_layer=False), ""
+        with quiet_loading_report():  # the identity pooler is not part of the original layout
+            model, prefix = ViTModel.from_pretrained(model_dir, add_pooling_layer=False), ""
     state_dict = current_to_original(model.state_dict(), prefix=prefix)
     validate_mae_state_dict(state_dict, encoder_only=not has_decoder, source=str(model_dir))
     with atomic_file(output_file, overwrite=overwrite) as tmp:
         torch.save(state_dict, tmp)
     return output_file
-
-
-def _model_type(model_dir: Path) -> str:
-    import json
-
-    try:
-        return json.loads((model_dir / "config.json").read_text())["model_type"]
-    except (OSError, ValueError, KeyError) as error:
-        raise CheckpointError(f"{model_dir}: unreadable config.json ({error})") from None

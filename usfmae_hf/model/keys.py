@@ -7,7 +7,8 @@ Three naming schemes meet here:
 * **current** - transformers >= 5.9 module names: ``layers.N.attention.q_proj``, ``mlp.fc1``.
 * **legacy** - the names on the Hub (``encoder.layer.N.attention.attention.query``,
   ``intermediate.dense``), which every transformers version reads. We always *write* legacy names,
-  because 5.x ``save_pretrained`` mangles the ViTMAE decoder's names (see NOTES, section 2).
+  because 5.x ``save_pretrained`` mangles the ViTMAE decoder's names (``decoder.decoder_encoder.layer.N``),
+  which 4.x then silently re-initialises.
 
 The ``prefix`` argument is ``"vit."`` for ``ViTMAEModel``/``ViTMAEForPreTraining`` checkpoints and
 ``""`` for an encoder-only ``ViTModel`` directory.

@@ -12,9 +12,9 @@ from typing import Any, Literal
 
 from usfmae_hf.errors import UsfmaeError
 
-# NOTES section 1. USF-MAE: AdamW with torch's default betas, 10% warmup, cosine to 1e-5, grad-clip 1.0,
-# bf16, 100 epochs, pixel loss without per-patch normalisation, USF-MAE's augmentations. MAE: betas
-# (0.9, 0.95), 40 of 800 epochs warmup, cosine to 0, no clipping, fp16 AMP, norm_pix_loss, crop+flip.
+# The two published recipes. USF-MAE: AdamW with torch's default betas, 10% warmup, cosine to 1e-5,
+# grad-clip 1.0, bf16, 100 epochs, pixel loss without per-patch normalisation, USF-MAE's augmentations.
+# MAE: betas (0.9, 0.95), 40 of 800 epochs warmup, cosine to 0, no clipping, fp16 AMP, norm_pix_loss, crop+flip.
 RECIPES: dict[str, dict[str, Any]] = {
     "usfmae": dict(
         augmentation="usfmae",
@@ -105,7 +105,12 @@ class PretrainingArguments:
 
     output_dir: str = field(metadata={"help": "Run directory: log.jsonl, checkpoints, final/ model, plots."})
     recipe: Literal["usfmae", "mae"] = field(
-        default="usfmae", metadata={"help": "Preset for every field marked 'recipe' (NOTES section 1)."}
+        default="usfmae",
+        metadata={
+            "help": "Preset for every field marked 'recipe': usfmae (AdamW with torch's default betas, 10%% warmup, "
+            "cosine to 1e-5, grad-clip 1.0, bf16, 100 epochs) or mae (betas 0.9/0.95, 5%% warmup, cosine to 0, "
+            "no clipping, fp16, 800 epochs, norm_pix_loss)."
+        },
     )
     augmentation: Literal["usfmae", "mae"] | None = field(
         default=None, metadata={"help": "Augmentation pipeline (recipe: same name as the recipe)."}
@@ -159,9 +164,6 @@ class PretrainingArguments:
             "help": "Write a reconstruction grid PNG every N steps (default: at each checkpoint) and at the end."
         },
     )
-
-
-ALL_ARGUMENT_CLASSES = (ModelArguments, DataArguments, PretrainingArguments)
 
 
 def apply_recipe(model_args: ModelArguments, training_args: PretrainingArguments, *, cuda_available: bool) -> list[str]:

@@ -1,14 +1,13 @@
 """Model, optimizer and learning-rate schedule for MAE pretraining.
 
 A model either continues from a converted directory or starts from a config. A ``ViTMAEForPreTraining``
-built from a config starts with all-zero position embeddings and tokens (transformers skips the
-sin-cos init, NOTES section 2), so :func:`initialize_like_mae` re-initialises every weight the way
+built from a config starts with all-zero position embeddings and tokens (transformers skips its
+sin-cos init in that case), so :func:`initialize_like_mae` re-initialises every weight the way
 Meta's MAE code does.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -17,27 +16,25 @@ from torch import nn
 from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
 from usfmae_hf.errors import UsfmaeError
+from usfmae_hf.model.parameters import is_no_decay
 
 
 def mae_sincos_position_table(embed_dim: int, grid_size: int) -> torch.Tensor:
     """MAE's fixed 2-D sin-cos table, ``(1 + grid_size**2, embed_dim)`` float64, zero row for CLS.
 
-    As in MAE's ``get_2d_sincos_pos_embed``, the first half of the channels encodes the column and
-    the second half the row, each as ``[sin | cos]`` of ``position / 10000**(2i / (embed_dim / 2))``.
+    transformers' table is ``[sin_h | cos_h | sin_w | cos_w]``; MAE's ``get_2d_sincos_pos_embed`` (and
+    every MAE checkpoint) has the column half first, so the two halves are swapped, as
+    ``ViTMAEEmbeddings.initialize_weights`` does.
     """
+    from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
+
     if embed_dim % 4:
         raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {embed_dim}")
-    quarter = embed_dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    rows, cols = torch.meshgrid(
-        torch.arange(grid_size, dtype=torch.float64), torch.arange(grid_size, dtype=torch.float64), indexing="ij"
+    table = build_2d_sinusoidal_position_embedding(
+        height=grid_size, width=grid_size, embed_dim=embed_dim, cls_token=True, dtype=torch.float64
     )
-    halves = []
-    for coords in (cols.reshape(-1), rows.reshape(-1)):
-        angles = coords[:, None] * omega[None, :]
-        halves += [angles.sin(), angles.cos()]
-    table = torch.cat(halves, dim=1)
-    return torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), table], dim=0)
+    half = embed_dim // 2
+    return torch.cat([table[:, half:], table[:, :half]], dim=1)
 
 
 @torch.no_grad()
@@ -122,13 +119,12 @@ def _weight_names(model_dir: str | os.PathLike) -> str:
         return " ".join(handle.keys())
 
 
-def is_no_decay(name: str, parameter: nn.Parameter) -> bool:
-    """Biases, norm weights (all 1-D tensors), position embeddings and CLS/mask tokens get no decay."""
-    return parameter.ndim <= 1 or name.endswith(("cls_token", "mask_token", "position_embeddings", "decoder_pos_embed"))
-
-
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: ``weight_decay`` on weight matrices only (frozen parameters left out)."""
+    """AdamW parameter groups: ``weight_decay`` on weight matrices only (frozen parameters left out).
+
+    Biases, norm weights (all 1-D tensors), position embeddings and CLS / mask tokens get none
+    (:func:`usfmae_hf.model.parameters.is_no_decay`).
+    """
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
@@ -141,14 +137,22 @@ def scaled_learning_rate(base_learning_rate: float, effective_batch_size: int) -
     return base_learning_rate * effective_batch_size / 256
 
 
-def learning_rate_at(step: int, *, peak: float, minimum: float, warmup_steps: int, total_steps: int) -> float:
-    """Per-iteration schedule: linear warmup from 0 to ``peak`` over ``warmup_steps``, then cosine to ``minimum``.
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, *, minimum: float, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-optimizer-step schedule: linear warmup from 0 to the optimizer's lr, then cosine to ``minimum``.
 
-    ``step`` counts optimizer steps already taken (0 for the first update), as MAE's per-iteration
-    ``adjust_learning_rate`` does with fractional epochs.
+    transformers' ``cosine_with_min_lr`` schedule; stepped once per optimizer step, its value at step
+    ``s`` (updates already taken) is MAE's per-iteration ``adjust_learning_rate`` at fractional epoch
+    ``s / steps_per_epoch`` when warmup is ``warmup_epochs * steps_per_epoch`` steps. Every parameter
+    group's lr is multiplied by the same factor, and ``minimum`` is an absolute floor for the
+    optimizer's default lr.
     """
-    if step < warmup_steps:
-        return peak * step / warmup_steps
-    decay_steps = max(total_steps - warmup_steps, 1)
-    progress = min((step - warmup_steps) / decay_steps, 1.0)
-    return minimum + (peak - minimum) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    peak = optimizer.defaults["lr"]
+    if peak <= 0:
+        raise UsfmaeError(f"the peak learning rate must be positive, got {peak}")
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps, min_lr=minimum
+    )

@@ -24,7 +24,7 @@ from usfmae_hf.pretraining.arguments import (
 )
 from usfmae_hf.pretraining.checkpointing import TrainState, publish, remove_stale_staging, resolve_resume, staging_dir
 from usfmae_hf.pretraining.data import MapStyleImages, SampleMaker, StreamingImages, collate, first_images, load_source
-from usfmae_hf.pretraining.modeling import build_model, learning_rate_at, parameter_groups, scaled_learning_rate
+from usfmae_hf.pretraining.modeling import build_lr_scheduler, build_model, parameter_groups, scaled_learning_rate
 from usfmae_hf.pretraining.reporting import StepLog, plot_curves
 
 # Fewer samples than this say little about the bad-image rate; the check waits (except at the end).
@@ -71,16 +71,24 @@ class Pretrainer:
         )
         self.config = model.config
         self._build_data()
+        processes = self.accelerator.num_processes
+        effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
         optimizer = torch.optim.AdamW(
             parameter_groups(model, args.weight_decay),
-            lr=0.0,
+            lr=_peak_lr(args, effective_batch),  # the scheduler scales it every step
             betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_epsilon,
         )
         self.model, self.optimizer = self._prepare(model, optimizer)
-        processes = self.accelerator.num_processes
-        self.plan = _plan(
-            args, self.dataloader, args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
+        self.plan = _plan(args, self.dataloader, effective_batch)
+        # prepared so that save_state / load_state carry it; stepped once per optimizer step (see _build_accelerator)
+        self.scheduler = self.accelerator.prepare(
+            build_lr_scheduler(
+                optimizer,
+                minimum=args.min_lr,
+                warmup_steps=self.plan.warmup_steps,
+                total_steps=self.plan.total_steps,
+            )
         )
 
         self.state = TrainState()
@@ -214,14 +222,8 @@ class Pretrainer:
         window = self.window
         started, batches = time.perf_counter(), 0
         for batches, batch in enumerate(loader, start=1):  # noqa: B007 (the count is read after the loop)
-            lr = learning_rate_at(
-                state.step,
-                peak=self.plan.peak_lr,
-                minimum=args.min_lr,
-                warmup_steps=self.plan.warmup_steps,
-                total_steps=self.plan.total_steps,
-            )
-            loss = self._micro_step(batch, lr)
+            lr = self.scheduler.get_last_lr()[0]  # the lr of the update this micro-batch belongs to
+            loss = self._micro_step(batch)
             images = torch.tensor(float(len(batch["pixel_values"])), device=window.device)
             window += torch.stack([loss, torch.ones_like(loss), images, batch["num_bad"].to(window.device).float()])
             state.samples_in_epoch += args.per_device_train_batch_size * accelerator.num_processes
@@ -237,7 +239,7 @@ class Pretrainer:
             raise UsfmaeError("the data yields no full batch; lower --per_device_train_batch_size")
         return True
 
-    def _micro_step(self, batch: dict[str, torch.Tensor], lr: float) -> torch.Tensor:
+    def _micro_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward and backward one micro-batch (and step the optimizer when gradients sync)."""
         accelerator = self.accelerator
         pixel_values = batch["pixel_values"].to(accelerator.device, non_blocking=True)
@@ -245,13 +247,13 @@ class Pretrainer:
         if self.device_transform is not None:
             pixel_values = self.device_transform(pixel_values, batch["augment_seed"])
         with accelerator.accumulate(self.model):
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
             loss = self.model(pixel_values=pixel_values, noise=noise).loss
             accelerator.backward(loss)
             if accelerator.sync_gradients and self.args.max_grad_norm:
                 accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
             self.optimizer.step()
+            if accelerator.sync_gradients:
+                self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach().float()
 
@@ -303,7 +305,7 @@ class Pretrainer:
 
     def reconstruct(self) -> None:
         """Reconstruction grid of the fixed preview images with fixed masks (every process runs the model)."""
-        from usfmae_hf.inference.features import reconstruct
+        from usfmae_hf.inference.reconstruction import reconstruct
 
         if self.preview is None:
             return
@@ -337,6 +339,9 @@ def _build_accelerator(args: PretrainingArguments):
         log_with=trackers or None,
         project_dir=str(args.output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # the schedule counts optimizer steps (the dataloader is per process); by default accelerate would step
+        # it num_processes times per update and skip it on fp16-overflow steps, which MAE's schedule does not
+        step_scheduler_with_optimizer=False,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if args.torch_compile else None,
     )
     if len(accelerator.log_with) < len(trackers):
@@ -361,12 +366,19 @@ def _plan(args: PretrainingArguments, dataloader: DataLoader, effective_batch: i
         steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
         total = max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
     warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_ratio * total)
-    peak = (
-        args.learning_rate
-        if args.learning_rate is not None
-        else scaled_learning_rate(args.base_learning_rate, effective_batch)
+    return _Plan(
+        total_steps=total,
+        warmup_steps=min(warmup, total),
+        peak_lr=_peak_lr(args, effective_batch),
+        effective_batch_size=effective_batch,
     )
-    return _Plan(total_steps=total, warmup_steps=min(warmup, total), peak_lr=peak, effective_batch_size=effective_batch)
+
+
+def _peak_lr(args: PretrainingArguments, effective_batch: int) -> float:
+    """``--learning_rate`` if given, else the linear scaling rule on ``--base_learning_rate``."""
+    if args.learning_rate is not None:
+        return args.learning_rate
+    return scaled_learning_rate(args.base_learning_rate, effective_batch)
 
 
 def _batches_to_skip(state: TrainState, per_device_batch: int, num_processes: int) -> int:

@@ -4,12 +4,14 @@
 that do not load, pickled weights, invalid card metadata) before a byte leaves the machine;
 ``push_model_dir`` creates the repository (and branch) if needed, uploads with ``upload_folder``
 and retries transient failures. Re-pushing an unchanged folder is a no-op that succeeds.
+``push_build_to_hub`` uploads a dataset build of :mod:`usfmae_hf.ingest` to a dataset repository.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -251,3 +253,31 @@ def push_model_dir(
         if not _is_transient(error):
             raise
         raise PublishError(_redact(f"cannot reach {api.endpoint}: {type(error).__name__}: {error}", token)) from None
+
+
+def push_build_to_hub(
+    output: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None
+) -> str:
+    """Upload an ingest build (card, reports, Parquet shards) to the dataset repo ``repo_id``; return the commit URL.
+
+    ``output`` is a folder written by :func:`usfmae_hf.ingest.ingest`. Shards that are no longer in
+    the build are deleted from the repo in the same commit.
+    """
+    from huggingface_hub import HfApi
+
+    from usfmae_hf.ingest.build import MANIFEST_DIR
+
+    output = Path(output)
+    if not (output / MANIFEST_DIR / "options.json").is_file():
+        raise UsfmaeError(f"{output} is not an ingest build")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        repo_type="dataset",
+        folder_path=output,
+        allow_patterns=["README.md", "ingest_report.json", "ingest_report.md", "data/*.parquet"],
+        delete_patterns=["data/*.parquet"],
+        commit_message="Upload ultrasound ingest build (usfmae ingest)",
+    )
+    return str(commit)

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from usfmae_hf.atomic import atomic_write_text
 from usfmae_hf.version import __version__
 
-if TYPE_CHECKING:
-    from usfmae_hf.quickstart.runner import Quickstart
+
+@dataclass
+class Step:
+    """One quickstart stage as the report shows it: title, equivalent command, time, notes."""
+
+    title: str
+    command: str
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
 
 REAL_RELEASE_COMMANDS = """\
 # 1. Convert the released USF-MAE checkpoint (100 epochs, the recommended one), verified number-for-number
@@ -58,13 +68,12 @@ def _metrics_table(results: dict) -> list[str]:
     return lines
 
 
-def write_report(path: Path, run: Quickstart) -> Path:
-    """Write ``REPORT.md`` for a finished quickstart run."""
+def write_report(path: Path, steps: Sequence[Step], results: Mapping[str, Any]) -> Path:
+    """Write ``REPORT.md`` for a finished quickstart run from its steps and recorded results."""
     import torch
     import transformers
 
     out = path.parent
-    results = run.results
     log = results["pretrain_log"]
     finetune_dir = results["finetune_dir"]
     lines = [
@@ -72,7 +81,7 @@ def write_report(path: Path, run: Quickstart) -> Path:
         "",
         f"usfmae-hf {__version__}, transformers {transformers.__version__}, torch {torch.__version__}, "
         f"Python {platform.python_version()}, {os.cpu_count()} CPU cores. "
-        f"Total time: {sum(s.seconds for s in run.steps):.0f} s.",
+        f"Total time: {sum(s.seconds for s in steps):.0f} s.",
         "",
         "Everything below ran on the real ultrasound DICOM files shipped by `pydicom-data` "
         f"({', '.join(results['dicoms'])}). The released USF-MAE weights are not downloadable here, so a small "
@@ -84,9 +93,9 @@ def write_report(path: Path, run: Quickstart) -> Path:
         "| # | step | seconds |",
         "|---|---|---|",
     ]
-    lines += [f"| {i} | {step.title} | {step.seconds:.1f} |" for i, step in enumerate(run.steps, 1)]
+    lines += [f"| {i} | {step.title} | {step.seconds:.1f} |" for i, step in enumerate(steps, 1)]
     lines.append("")
-    for i, step in enumerate(run.steps, 1):
+    for i, step in enumerate(steps, 1):
         lines += [f"**{i}. {step.title}**", "", "```bash", step.command, "```", ""]
         if step.notes:
             lines += ["```text", *step.notes[-8:], "```", ""]

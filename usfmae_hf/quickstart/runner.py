@@ -27,10 +27,11 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from usfmae_hf.errors import UsfmaeError
+from usfmae_hf.quickstart.report import Step, write_report
 
 ULTRASOUND_DICOMS = (
     "US1_UNCR.dcm",
@@ -57,14 +58,6 @@ SMALL_MAE = dict(
     decoder_num_attention_heads=4,
     decoder_intermediate_size=256,
 )
-
-
-@dataclass
-class Step:
-    title: str
-    command: str
-    seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -202,9 +195,7 @@ class Quickstart:
         self._features_and_reconstruction(final, dicoms, out)
         self._finetune(final, dicoms, out)
         report = out / "REPORT.md"
-        from usfmae_hf.quickstart.report import write_report
-
-        write_report(report, self)
+        write_report(report, self.steps, self.results)
         self.log(f"\nreport: {report}")
         return report
 
