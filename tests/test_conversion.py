@@ -180,6 +180,8 @@ def test_round_trip_is_bitwise_identical(tiny_original_checkpoint, tmp_path, lay
     source = _write_layout(sd, tmp_path / "source.pth", layout)
     convert_checkpoint(source, tmp_path / "hf", output_format=output_format, **HEADS)
     export_original(tmp_path / "hf", tmp_path / "back.pth")
+    export_original(tmp_path / "hf", tmp_path / "again.pth")
+    assert (tmp_path / "back.pth").read_bytes() == (tmp_path / "again.pth").read_bytes()  # same bytes every run
     expected = torch.load(source, weights_only=True)
     if output_format == "vit":
         expected = {k: v for k, v in expected.items() if not (k.startswith("decoder") or k == "mask_token")}
@@ -224,3 +226,28 @@ def test_conversion_records_provenance_for_vit_format(tiny_vit_dir, tiny_origina
     config = json.loads((tiny_vit_dir / "config.json").read_text())
     assert config["usfmae_provenance"]["source_sha256"] == sha256_of_file(tiny_original_checkpoint)
     assert config["usfmae_provenance"]["format"] == "vit"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_reduced_and_double_precision_checkpoints_convert_with_verification(
+    tiny_original_checkpoint, tmp_path, dtype, suffix
+):
+    from safetensors.torch import save_file
+
+    sd = torch.load(tiny_original_checkpoint, weights_only=True)
+    cast = {k: v.to(dtype) for k, v in sd.items()}
+    source = tmp_path / f"source{suffix}"
+    if suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in cast.items()}, str(source))
+    else:
+        torch.save(cast, source)
+    result = convert_checkpoint(source, tmp_path / "hf", **HEADS)  # verification on, in fp32
+    assert result.max_abs_diff and max(result.max_abs_diff.values()) <= DEFAULT_ATOL
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["usfmae_provenance"]["source_dtype"] == str(dtype).removeprefix("torch.")
+    export_original(tmp_path / "hf", tmp_path / "back.pth")
+    back = torch.load(tmp_path / "back.pth", weights_only=True)
+    for key, value in cast.items():
+        assert back[key].dtype == torch.float32
+        assert torch.equal(back[key], value.float()), key

@@ -94,6 +94,10 @@ def convert_checkpoint(
     ensure_writable_output(output_dir, overwrite)
 
     checkpoint = load_original_checkpoint(checkpoint_path)
+    source_dtypes = sorted({str(v.dtype) for v in checkpoint.state_dict.values() if v.is_floating_point()})
+    if source_dtypes != ["torch.float32"]:
+        # fp16 / bf16 / fp64 releases: verify and save in fp32 (the reference check runs in fp32).
+        checkpoint.state_dict = {k: v.float() if v.is_floating_point() else v for k, v in checkpoint.state_dict.items()}
     arch = infer_vitmae_config_kwargs(
         checkpoint, num_attention_heads=num_attention_heads, decoder_num_attention_heads=decoder_num_attention_heads
     )
@@ -103,6 +107,7 @@ def convert_checkpoint(
         "layout": checkpoint.layout,
         "converter_version": CONVERTER_VERSION,
         "format": output_format,
+        "source_dtype": ", ".join(dtype.removeprefix("torch.") for dtype in source_dtypes),
         **{f"source_{key}": value for key, value in checkpoint.extra.items()},
     }
     config = _build_config(arch, output_format, checkpoint.has_decoder, norm_pix_loss, float(mask_ratio), provenance)
@@ -331,6 +336,8 @@ def export_original(model_dir: str | os.PathLike, output_file: str | os.PathLike
             model, prefix = ViTModel.from_pretrained(model_dir, add_pooling_layer=False), ""
     state_dict = current_to_original(model.state_dict(), prefix=prefix)
     validate_mae_state_dict(state_dict, encoder_only=not has_decoder, source=str(model_dir))
-    with atomic_file(output_file, overwrite=overwrite) as tmp:
-        torch.save(state_dict, tmp)
+    # torch.save on a path names the zip archive's root folder after the (temporary, random) file
+    # name; through a file object the root is always "archive", so the bytes are the same every run.
+    with atomic_file(output_file, overwrite=overwrite) as tmp, open(tmp, "wb") as handle:
+        torch.save(state_dict, handle)
     return output_file
