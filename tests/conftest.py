@@ -87,3 +87,17 @@ def ultrasound_dicoms() -> dict[str, Path]:
         if path is not None:
             found[name] = Path(path)
     return found
+
+
+@pytest.fixture
+def tf4_python() -> str:
+    """The transformers 4.x interpreter (``USFMAE_TF4_PYTHON``, built by ``.ci/make_tf4_env.sh``).
+
+    Skips when there is none, and fails instead when ``USFMAE_REQUIRE_TF4`` is set (as in CI).
+    """
+    python = os.environ.get("USFMAE_TF4_PYTHON")
+    if not python or not os.path.exists(python):
+        if os.environ.get("USFMAE_REQUIRE_TF4"):
+            pytest.fail("USFMAE_REQUIRE_TF4 is set but USFMAE_TF4_PYTHON is not a python (run .ci/make_tf4_env.sh)")
+        pytest.skip("no transformers 4.x environment (set USFMAE_TF4_PYTHON; .ci/make_tf4_env.sh builds one)")
+    return python

@@ -48,18 +48,8 @@ def test_vit_base_mae_converts_verifies_and_round_trips(tmp_path):
     assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
 
 
-def _tf4_python() -> str:
-    python = os.environ.get("USFMAE_TF4_PYTHON")
-    if not python or not os.path.exists(python):
-        if os.environ.get("USFMAE_REQUIRE_TF4"):
-            pytest.fail("USFMAE_REQUIRE_TF4 is set but USFMAE_TF4_PYTHON is not a python (run .ci/make_tf4_env.sh)")
-        pytest.skip("no transformers 4.x environment (set USFMAE_TF4_PYTHON; .ci/make_tf4_env.sh builds one)")
-    return python
-
-
-def test_weights_load_identically_in_transformers_4(tiny_model_dir, tmp_path):
+def test_weights_load_identically_in_transformers_4(tiny_model_dir, tmp_path, tf4_python):
     """transformers 4.x must load every tensor, decoder included, and compute the same outputs."""
-    python = _tf4_python()
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(1))
     torch.save({"images": images, "noise": noise}, tmp_path / "inputs.pt")
@@ -77,7 +67,7 @@ def test_weights_load_identically_in_transformers_4(tiny_model_dir, tmp_path):
         """
     )
     result = subprocess.run(
-        [python, "-c", script], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        [tf4_python, "-c", script], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
     )
     assert result.returncode == 0, result.stderr[-3000:]
 

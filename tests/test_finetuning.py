@@ -145,15 +145,6 @@ def _run_remote_code_check(python: str, saved: Path, pixels: torch.Tensor, tmp_p
     return result.stdout, np.load(tmp_path / "out.npy")
 
 
-def _tf4_python() -> str:
-    python = os.environ.get("USFMAE_TF4_PYTHON")
-    if not python or not os.path.exists(python):
-        if os.environ.get("USFMAE_REQUIRE_TF4"):
-            pytest.fail("USFMAE_REQUIRE_TF4 is set but USFMAE_TF4_PYTHON is not a python (run .ci/make_tf4_env.sh)")
-        pytest.skip("no transformers 4.x environment (set USFMAE_TF4_PYTHON; .ci/make_tf4_env.sh builds one)")
-    return python
-
-
 @pytest.mark.slow
 def test_mean_head_loads_with_remote_code_without_package(tiny_model_dir, tmp_path):
     from transformers import AutoModelForImageClassification
@@ -176,16 +167,15 @@ def test_mean_head_loads_with_remote_code_without_package(tiny_model_dir, tmp_pa
 
 
 @pytest.mark.slow
-def test_mean_head_remote_code_gives_same_logits_in_tf4(tiny_model_dir, tmp_path):
+def test_mean_head_remote_code_gives_same_logits_in_tf4(tiny_model_dir, tmp_path, tf4_python):
     """The saved modeling_usfmae.py must load under transformers 4.57 and compute what 5.x computes."""
-    python = _tf4_python()
     model = build_classifier(tiny_model_dir, ["benign", "malignant"], head="mean").eval()
     saved = tmp_path / "classifier"
     model.save_pretrained(saved)
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(pixel_values=pixels).logits.numpy()
-    stdout, logits = _run_remote_code_check(python, saved, pixels, tmp_path)
+    stdout, logits = _run_remote_code_check(tf4_python, saved, pixels, tmp_path)
     assert "transformers 4." in stdout, stdout
     # remote code, not a class registered by usfmae_hf
     assert stdout.startswith("transformers_modules") and "UsfmaeForImageClassification" in stdout, stdout

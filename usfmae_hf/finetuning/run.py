@@ -18,6 +18,7 @@ from usfmae_hf.errors import UsfmaeError
 from usfmae_hf.evaluation.reporting import card_results, evaluate_split, flatten_results, write_results
 from usfmae_hf.finetuning.data import (
     EVAL_SPLITS,
+    TASKS,
     check_labels,
     drop_unreadable,
     load_labelled_images,
@@ -121,7 +122,7 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Held-out USF-MAE evaluation set read by its adapter.",
-            "choices": ["busbra", "mmotu2d", "gist514"],
+            "choices": list(TASKS),
         },
     )
     data_root: str | None = field(default=None, metadata={"help": "Folder where the --task dataset was unpacked."})
