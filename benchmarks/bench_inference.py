@@ -9,8 +9,13 @@ ViT-B/16 at 224, batch 16, fp32 on CPU:
 Readers: frames/s on one core of ``load_frames`` for PNG and for DICOM (uncompressed, JPEG 2000,
 JPEG baseline cine).
 
+Precision (``--dtype auto`` of the inference commands): the CPU, the capability detected
+(:mod:`usfmae_hf.precision`), and bf16 against fp32 on real pydicom-data ultrasound frames, for the
+quickstart's small MAE and for ViT-B/16: feature cosine similarity (min over frames, CLS and patch
+tokens) and max abs difference, and the bf16/fp32 throughput ratio of ``extract_features``.
+
 Weights are random (throughput does not depend on them). Run: ``python benchmarks/bench_inference.py``
-(about two minutes on 2 cores; ``--iterations`` trades time for steadier numbers).
+(a few minutes on 2 cores; ``--iterations`` trades time for steadier numbers, ``--sections`` picks parts).
 """
 
 from __future__ import annotations
@@ -69,11 +74,23 @@ def matmul_peak(iterations: int) -> float:
     return max(rates)
 
 
-def bench_models(batch: int, iterations: int) -> dict[str, float]:
-    from timm.models.vision_transformer import VisionTransformer
+def random_model_directory(directory: str, **config_kwargs) -> str:
+    """Save a random-weight ViTMAE (ViT-B/16 by default) with its USF-MAE processor in ``directory``."""
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
     from usfmae_hf.image.processor import build_image_processor
+
+    torch.manual_seed(0)
+    config = ViTMAEConfig(**{"layer_norm_eps": 1e-6, "mask_ratio": 0.0, **config_kwargs})
+    ViTMAEForPreTraining(config).save_pretrained(directory)
+    build_image_processor(config.image_size).save_pretrained(directory)
+    return directory
+
+
+def bench_models(batch: int, iterations: int) -> dict[str, float]:
+    from timm.models.vision_transformer import VisionTransformer
+    from transformers import ViTMAEForPreTraining
+
     from usfmae_hf.inference.features import extract_features, load_encoder
 
     torch.manual_seed(0)
@@ -81,9 +98,7 @@ def bench_models(batch: int, iterations: int) -> dict[str, float]:
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)) for _ in range(batch)]
     with tempfile.TemporaryDirectory() as directory:
-        config = ViTMAEConfig(layer_norm_eps=1e-6, mask_ratio=0.0)
-        ViTMAEForPreTraining(config).save_pretrained(directory)
-        build_image_processor().save_pretrained(directory)
+        random_model_directory(directory)
         encoder = load_encoder(directory)
         stock = ViTMAEForPreTraining.from_pretrained(directory).vit.eval()  # stock ViTMAEModel
     timm_model = VisionTransformer(
@@ -120,6 +135,72 @@ def bench_models(batch: int, iterations: int) -> dict[str, float]:
     return {name: batch / value for name, value in seconds.items()}
 
 
+def ultrasound_frames(count: int) -> list[np.ndarray]:
+    """``count`` real ultrasound frames of the pydicom-data DICOMs, taken in turn from each file."""
+    from pydicom.data import get_testdata_file
+
+    from usfmae_hf.io import load_frames
+    from usfmae_hf.quickstart.runner import ULTRASOUND_DICOMS
+
+    per_file = [
+        [frame.image for frame in load_frames(get_testdata_file(name), frame_stride=10)] for name in ULTRASOUND_DICOMS
+    ]
+    frames = [frames[i] for i in range(max(map(len, per_file))) for frames in per_file if i < len(frames)]
+    if len(frames) < count:
+        raise SystemExit(f"pydicom-data holds only {len(frames)} ultrasound frames, {count} needed")
+    return frames[:count]
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (or the platform's processor string)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bf16_agreement(fp32: torch.Tensor, bf16: torch.Tensor) -> tuple[float, float]:
+    """Min cosine similarity over images and max abs difference of two ``(N, ...)`` feature tensors."""
+    a, b = fp32.flatten(1).double(), bf16.flatten(1).double()
+    return torch.nn.functional.cosine_similarity(a, b, dim=1).min().item(), (a - b).abs().max().item()
+
+
+def bench_precision(batch: int, iterations: int) -> dict[str, dict[str, float]]:
+    """bf16 against fp32 for the quickstart's small MAE and for ViT-B/16 on real ultrasound frames."""
+    from usfmae_hf.inference.features import extract_features, load_encoder, processor_for
+    from usfmae_hf.quickstart.runner import SMALL_MAE
+
+    frames = ultrasound_frames(batch)
+    results = {}
+    for label, config in (("small MAE (quickstart, 64 px)", SMALL_MAE), ("ViT-B/16 (224 px)", {})):
+        with tempfile.TemporaryDirectory() as directory:
+            random_model_directory(directory, **config)
+            fp32, bf16 = load_encoder(directory), load_encoder(directory, dtype=torch.bfloat16)
+            pixel_values = processor_for(fp32)(frames, return_tensors="pt")["pixel_values"]
+        row = {}
+        for pooling in ("cls", "patches"):
+            cosine, difference = bf16_agreement(
+                extract_features(fp32, pixel_values, pooling, batch_size=batch),
+                extract_features(bf16, pixel_values, pooling, batch_size=batch),
+            )
+            row[f"{pooling} min cosine"], row[f"{pooling} max abs diff"] = cosine, difference
+        seconds = interleaved_best_seconds(
+            {
+                name: lambda encoder=encoder, pixels=pixel_values: extract_features(encoder, pixels, batch_size=batch)
+                for name, encoder in (("fp32", fp32), ("bf16", bf16))
+            },
+            iterations,
+        )
+        row["fp32 img/s"], row["bf16 img/s"] = batch / seconds["fp32"], batch / seconds["bf16"]
+        results[label] = row
+    return results
+
+
 def bench_readers(iterations: int) -> dict[str, float]:
     from pydicom.data import get_testdata_file
 
@@ -152,31 +233,54 @@ def bench_readers(iterations: int) -> dict[str, float]:
     return results
 
 
+SECTIONS = ("models", "precision", "readers")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
     parser.add_argument(
         "--iterations", type=int, default=2, help="timed repetitions after a warm-up; best is kept (default: 2)"
     )
-    args = parser.parse_args()
-
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch {args.batch_size}")
-    peak = matmul_peak(max(args.iterations, 10))
-    flops = vit_forward_flops()
-    print(
-        f"matmul peak (best of square and ViT-B MLP fp32 GEMMs): {peak / 1e9:.1f} GFLOP/s; "
-        f"ViT-B/16 forward: {flops / 1e9:.1f} GFLOP/image"
+    parser.add_argument(
+        "--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure (default: all)"
     )
-    rates = bench_models(args.batch_size, args.iterations)
-    timm_rate = rates["timm forward_features"]
-    for name, rate in rates.items():
+    args = parser.parse_args()
+    from usfmae_hf.precision import describe_precision
+
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}; CPU {cpu_name()} "
+        f"(torch capability {torch.backends.cpu.get_cpu_capability()}); --dtype auto here: {describe_precision()}"
+    )
+    if "models" in args.sections:
+        print("fp32 throughput:")
+        peak = matmul_peak(max(args.iterations, 10))
+        flops = vit_forward_flops()
         print(
-            f"  {name:55s} {rate:6.2f} img/s  {rate / timm_rate:5.2f}x timm  {rate * flops / peak:6.1%} of matmul peak"
+            f"matmul peak (best of square and ViT-B MLP fp32 GEMMs): {peak / 1e9:.1f} GFLOP/s; "
+            f"ViT-B/16 forward: {flops / 1e9:.1f} GFLOP/image"
         )
-    # The readers are single-threaded Python: frames/s in this process is frames/s per core.
-    torch.set_num_threads(1)
-    for name, rate in bench_readers(args.iterations).items():
-        print(f"  reader {name:48s} {rate:7.1f} frames/s per core")
+        rates = bench_models(args.batch_size, args.iterations)
+        timm_rate = rates["timm forward_features"]
+        for name, rate in rates.items():
+            print(
+                f"  {name:55s} {rate:6.2f} img/s  {rate / timm_rate:5.2f}x timm  "
+                f"{rate * flops / peak:6.1%} of matmul peak"
+            )
+    if "precision" in args.sections:
+        print(f"bf16 vs fp32 (bf16 weights), {args.batch_size} pydicom-data ultrasound frames:")
+        for name, row in bench_precision(args.batch_size, args.iterations).items():
+            print(
+                f"  {name:30s} CLS min cosine {row['cls min cosine']:.6f}, max abs diff {row['cls max abs diff']:.4f}; "
+                f"patches min cosine {row['patches min cosine']:.6f}, max abs diff {row['patches max abs diff']:.4f}; "
+                f"fp32 {row['fp32 img/s']:.2f} img/s, bf16 {row['bf16 img/s']:.2f} img/s "
+                f"({row['bf16 img/s'] / row['fp32 img/s']:.2f}x)"
+            )
+    if "readers" in args.sections:
+        # The readers are single-threaded Python: frames/s in this process is frames/s per core.
+        torch.set_num_threads(1)
+        for name, rate in bench_readers(args.iterations).items():
+            print(f"  reader {name:48s} {rate:7.1f} frames/s per core")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "usfmae_hf.atomic",
         "usfmae_hf.launch",
         "usfmae_hf._moved",
+        "usfmae_hf.precision",
     ),
     ("usfmae_hf.io",),
     ("usfmae_hf.image",),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -14,7 +16,10 @@ import pytest
 import torch
 
 from usfmae_hf.cli import main
-from usfmae_hf.publishing.hub import PublishError, push_model_dir, validate_model_dir
+from usfmae_hf.publishing import hub
+from usfmae_hf.publishing.cards import REPO_ID_PLACEHOLDER
+from usfmae_hf.publishing.hub import PublishError, plan_upload, push_model_dir, validate_model_dir
+from usfmae_hf.publishing.pickles import find_pickle
 
 SECRET = "hf_usfmaeTestTokenThatMustNeverBePrinted"
 REPO_ID = "tester/usf-mae-tiny"
@@ -30,6 +35,27 @@ def local_files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+def tree_state(folder: Path) -> dict[str, tuple]:
+    """Every entry under ``folder`` as ``lstat`` sees it (links not followed): mode, mtime, content or target."""
+    state = {}
+    for root, dirs, names in os.walk(folder):
+        for name in dirs + names:
+            path = Path(root) / name
+            info = path.lstat()
+            if stat.S_ISLNK(info.st_mode):
+                content = os.readlink(path)
+            elif stat.S_ISREG(info.st_mode):
+                content = path.read_bytes()
+            else:
+                content = None
+            state[path.relative_to(folder).as_posix()] = (info.st_mode, info.st_mtime_ns, content)
+    return state
+
+
+def with_repo_id(card: bytes, repo_id: str = REPO_ID) -> bytes:
+    return card.replace(f'"{REPO_ID_PLACEHOLDER}"'.encode(), f'"{repo_id}"'.encode())
+
+
 # ---- validation ------------------------------------------------------------------------------
 
 
@@ -38,12 +64,81 @@ def test_converted_directory_is_valid(tiny_model_dir, tiny_vit_dir):
     assert validate_model_dir(tiny_vit_dir) == tiny_vit_dir.resolve()
 
 
-@pytest.mark.parametrize("name", ["pytorch_model.bin", "extra/optimizer.pt", "ckpt.pth", "last.ckpt", "data.pkl"])
-def test_pickle_files_are_refused(model_dir, name):
+def _torch_bytes(**save_options) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"weight": torch.ones(2)}, buffer, **save_options)
+    return buffer.getvalue()
+
+
+def _optimizer_state() -> bytes:
+    import io
+
+    parameter = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([parameter])
+    parameter.sum().backward()
+    optimizer.step()
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+PICKLES = {
+    "innocent.txt": lambda: pickle.dumps({"looks": "harmless"}),
+    "data.pkl": lambda: pickle.dumps([1, 2, 3], protocol=5),
+    "pytorch_model.bin": _torch_bytes,
+    "extra/optimizer.pth.tar": _optimizer_state,
+    "legacy.pt": lambda: _torch_bytes(_use_new_zipfile_serialization=False),
+    # protocol 1 starts with text, not PROTO: only torch's magic number gives it away
+    "weights.json": lambda: _torch_bytes(_use_new_zipfile_serialization=False, pickle_protocol=1),
+}
+
+
+@pytest.mark.parametrize("name", list(PICKLES))
+def test_pickles_are_refused_by_content_whatever_their_name(model_dir, name, tmp_path):
+    data = PICKLES[name]()
+    # the test data are real pickles: torch's and pickle's own loaders read them
+    (tmp_path / "probe").write_bytes(data)
+    if name in ("legacy.pt", "weights.json"):  # legacy files are pickles in a row, torch's magic number first
+        assert pickle.loads(data) == torch.serialization.MAGIC_NUMBER
+    elif name.endswith((".txt", ".pkl")):
+        assert pickle.loads(data)
+    else:
+        assert torch.load(tmp_path / "probe", weights_only=True)
     (model_dir / name).parent.mkdir(exist_ok=True)
-    (model_dir / name).write_bytes(b"\x80\x04pickle")
-    with pytest.raises(PublishError, match=f"refusing to publish pickle files.*{name}"):
+    (model_dir / name).write_bytes(data)
+    with pytest.raises(PublishError, match=f"refusing to publish pickles.*{name} is a") as error:
         validate_model_dir(model_dir)
+    assert "\n" not in str(error.value)
+
+
+def test_safetensors_json_png_markdown_and_raw_binaries_pass(model_dir):
+    from PIL import Image
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    # A safetensors file starts with its header length (u64, little endian): find one whose first two
+    # bytes read like a pickle's PROTO 2 header, which a check of two bytes would wrongly refuse.
+    for padding in range(2048):
+        save_file({"w": torch.zeros(4)}, model_dir / "extra.safetensors", metadata={"pad": "x" * padding})
+        if (model_dir / "extra.safetensors").read_bytes()[:2] == b"\x80\x02":
+            break
+    else:
+        pytest.fail("no header length starting with 0x80 0x02")
+    with safe_open(model_dir / "extra.safetensors", framework="pt") as weights:  # safetensors reads it...
+        assert list(weights.keys()) == ["w"]
+    with pytest.raises(pickle.UnpicklingError):  # ... and no unpickler can
+        pickle.loads((model_dir / "extra.safetensors").read_bytes())
+    Image.new("L", (8, 8), 128).save(model_dir / "roc.png")
+    (model_dir / "all_results.json").write_text(json.dumps({"test_accuracy": 0.5}))
+    (model_dir / "NOTES.md").write_text("# Notes\n")
+    torch.ones(16).numpy().tofile(model_dir / "raw.bin")  # a .bin that is no pickle
+    for name in ("extra.safetensors", "roc.png", "all_results.json", "NOTES.md", "raw.bin", "model.safetensors"):
+        assert find_pickle(model_dir / name) is None, name
+    assert {"extra.safetensors", "roc.png", "all_results.json", "NOTES.md", "raw.bin"} <= set(
+        plan_upload(model_dir).files
+    )
 
 
 def test_missing_files_are_all_listed(model_dir):
@@ -62,7 +157,7 @@ def test_sharded_weights_need_every_shard(model_dir):
         "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"},
     }
     (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(PublishError, match="model-00002-of-00002.safetensors is not a readable safetensors file"):
+    with pytest.raises(PublishError, match="model-00002-of-00002.safetensors, listed in .*, is missing"):
         validate_model_dir(model_dir)
     shutil.copy(model_dir / "model-00001-of-00002.safetensors", model_dir / "model-00002-of-00002.safetensors")
     validate_model_dir(model_dir)
@@ -103,17 +198,19 @@ def test_config_and_processor_must_load(model_dir):
 
 
 def test_push_uploads_files_byte_for_byte_and_twice_is_a_noop(model_dir, hub_server):  # noqa: F811
-    from usfmae_hf.publishing.cards import REPO_ID_PLACEHOLDER
-
-    assert f'repo_id = "{REPO_ID_PLACEHOLDER}"' in (model_dir / "README.md").read_text()  # as the converter wrote it
+    local_card = (model_dir / "README.md").read_bytes()
+    assert f'repo_id = "{REPO_ID_PLACEHOLDER}"'.encode() in local_card  # as the converter wrote it
+    before = tree_state(model_dir)
     commit = push_model_dir(model_dir, REPO_ID, endpoint=hub_server.url, token=SECRET, private=True)
-    # The card's snippet now loads the repository it was published to, on disk and on the Hub alike.
-    assert f'repo_id = "{REPO_ID}"' in (model_dir / "README.md").read_text()
+    assert tree_state(model_dir) == before  # nothing local changed, the card included
     assert commit.commit_url == f"{hub_server.url}/{REPO_ID}/commit/{commit.oid}"
     remote = hub_server.files(REPO_ID)
     assert set(remote) == {".gitattributes", *local_files(model_dir)}
+    # The published card's snippet loads the repository it was published to; every other file is as on disk.
+    assert remote["README.md"] == with_repo_id(local_card) != local_card
     for name, data in local_files(model_dir).items():
-        assert remote[name] == data, name
+        if name != "README.md":
+            assert remote[name] == data, name
     assert hub_server.repos[("model", REPO_ID)].private
     pushes = hub_server.requests_to("/api/repos/") + hub_server.requests_to(f"/api/models/{REPO_ID}/")
     assert pushes and all(r.headers.get("authorization") == f"Bearer {SECRET}" for r in pushes)
@@ -121,6 +218,9 @@ def test_push_uploads_files_byte_for_byte_and_twice_is_a_noop(model_dir, hub_ser
     again = push_model_dir(model_dir, REPO_ID, endpoint=hub_server.url, token=SECRET)
     assert again.oid == commit.oid  # nothing changed, so no new commit
     assert len(hub_server.requests_to("/commit/")) == 1
+
+    push_model_dir(model_dir, REPO_ID, endpoint=hub_server.url, token=SECRET, update_local_card=True)
+    assert (model_dir / "README.md").read_bytes() == remote["README.md"]  # asked for: the local card now matches
 
 
 def test_push_to_new_branch_and_as_pull_request(model_dir, hub_server):  # noqa: F811
@@ -149,14 +249,18 @@ def test_push_to_new_branch_and_as_pull_request(model_dir, hub_server):  # noqa:
 def test_interrupted_push_completes_when_rerun(model_dir, hub_server):  # noqa: F811
     # More failures than huggingface_hub's own 5 retries of the commit request: the push fails...
     hub_server.fail_next(6, path_contains="/commit/")
+    before = tree_state(model_dir)
     with pytest.raises(PublishError, match="500") as error:
-        push_model_dir(model_dir, REPO_ID, endpoint=hub_server.url, token=SECRET, max_retries=0)
+        push_model_dir(model_dir, REPO_ID, endpoint=hub_server.url, token=SECRET)
     assert SECRET not in str(error.value)
+    assert len(hub_server.requests_to("/commit/")) == 6  # huggingface_hub's retries only, none stacked on top
     assert set(hub_server.files(REPO_ID)) == {".gitattributes"}
+    assert tree_state(model_dir) == before  # a failed push changes nothing locally either
     # ... and running it again completes it.
-    push_model_dir(model_dir, REPO_ID, endpoint=hub_server.url, token=SECRET, max_retries=0)
+    push_model_dir(model_dir, REPO_ID, endpoint=hub_server.url, token=SECRET)
     remote = hub_server.files(REPO_ID)
-    assert all(remote[name] == data for name, data in local_files(model_dir).items())
+    assert all(remote[name] == data for name, data in local_files(model_dir).items() if name != "README.md")
+    assert tree_state(model_dir) == before
 
 
 def test_transient_errors_are_retried(model_dir, hub_server):  # noqa: F811
@@ -177,7 +281,7 @@ def test_unreachable_hub_is_one_clear_error(model_dir, caplog, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     with pytest.raises(PublishError, match="cannot reach http://127.0.0.1:9: ConnectError"):
         push_model_dir(model_dir, REPO_ID, endpoint="http://127.0.0.1:9", token=SECRET, max_retries=1, retry_wait=0.01)
-    assert "card validation failed (ConnectError); retrying" in caplog.text
+    assert "validate-yaml" in caplog.text and "Retrying in 0.01s [Retry 1/1]" in caplog.text  # huggingface_hub's
 
 
 def test_hub_side_card_validation_blocks_the_upload(model_dir, hub_server):  # noqa: F811
@@ -195,10 +299,10 @@ def test_cli_push_prints_commit_url_never_the_token(model_dir, hub_server, capsy
     commit_oid = hub_server.repos[("model", REPO_ID)].refs["main"]
     assert f"{hub_server.url}/{REPO_ID}/commit/{commit_oid}" in out
 
-    (model_dir / "pytorch_model.bin").write_bytes(b"pickle")
+    (model_dir / "pytorch_model.bin").write_bytes(_torch_bytes())
     assert main(argv) == 2
     refused_out, refused_err = capsys.readouterr()
-    assert "usfmae push: error: refusing to publish pickle files" in refused_err
+    assert "usfmae push: error: " in refused_err and "refusing to publish pickles" in refused_err
     (model_dir / "pytorch_model.bin").unlink()
 
     hub_server.fail_next(1, path_contains="/api/validate-yaml", status=401, retry_after=None)
@@ -207,6 +311,136 @@ def test_cli_push_prints_commit_url_never_the_token(model_dir, hub_server, capsy
     assert "error: the Hub refused the push" in failed_err
     for text in (out, err, refused_out, refused_err, failed_out, failed_err, caplog.text):
         assert SECRET not in text
+
+
+# ---- what leaves the machine ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_symlink_out_of_the_folder_is_refused_and_nothing_is_uploaded(model_dir, hub_server, tmp_path, kind):  # noqa: F811
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("private notes")
+    (model_dir / "notes").symlink_to(outside / "secret.txt" if kind == "file" else outside)
+    before = tree_state(model_dir)
+    with pytest.raises(PublishError, match=r"notes is a symlink to .*outside") as error:
+        push_model_dir(model_dir, REPO_ID, endpoint=hub_server.url, token=SECRET)
+    assert "\n" not in str(error.value)
+    assert hub_server.requests == [] and not hub_server.repos
+    assert tree_state(model_dir) == before
+
+
+def test_links_inside_the_folder(model_dir, hub_server, caplog):  # noqa: F811
+    (model_dir / "sub").mkdir()
+    (model_dir / "sub" / "labels.json").write_text('{"0": "benign"}')
+    (model_dir / "copy_of_config.json").symlink_to("config.json")  # a link to a file inside: its content, its name
+    (model_dir / "alias").symlink_to("sub", target_is_directory=True)  # a link to a folder inside: not followed
+    before = tree_state(model_dir)
+    push_model_dir(model_dir, REPO_ID, endpoint=hub_server.url, token=SECRET)
+    remote = hub_server.files(REPO_ID)
+    assert remote["copy_of_config.json"] == (model_dir / "config.json").read_bytes()
+    assert remote["sub/labels.json"] == b'{"0": "benign"}'
+    assert not any(name.startswith("alias") for name in remote)
+    assert "alias links to the folder sub/ and is not followed" in caplog.text
+    assert tree_state(model_dir) == before
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop", "fifo"])
+def test_dangling_links_loops_and_special_files_are_one_clear_line(model_dir, kind):
+    if kind == "dangling":
+        (model_dir / "gone.json").symlink_to(model_dir / "nowhere.json")
+        expected = "gone.json is a dangling symlink"
+    elif kind == "loop":
+        (model_dir / "a").symlink_to("b")
+        (model_dir / "b").symlink_to("a")
+        expected = "a is a symlink loop; b is a symlink loop"
+    else:
+        os.mkfifo(model_dir / "pipe")  # reading it would block the push forever
+        expected = "pipe is not a regular file"
+    with pytest.raises(PublishError, match=expected) as error:
+        validate_model_dir(model_dir)
+    assert "\n" not in str(error.value)
+
+
+def test_trainer_file_names_are_transformers_own():
+    from transformers import trainer
+
+    names = {trainer.TRAINING_ARGS_NAME, trainer.OPTIMIZER_NAME, trainer.SCHEDULER_NAME, trainer.SCALER_NAME}
+    assert names | {"rng_state*.pth"} == set(hub.TRAINER_STATE_FILES)
+    assert hub.CHECKPOINT_DIRS == f"{trainer.PREFIX_CHECKPOINT_DIR}-*"
+
+
+@pytest.fixture
+def finetuning_output(model_dir, tmp_path) -> Path:
+    """A folder laid out as fine-tuning writes it, Trainer pickles and checkpoints included."""
+    from PIL import Image
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(model_dir), hub_token=SECRET, report_to=[])
+    torch.save(args, model_dir / "training_args.bin")  # what Trainer.save_model writes
+    (model_dir / "training_args.json").write_text(args.to_json_string())
+    (model_dir / "all_results.json").write_text(json.dumps({"test_accuracy": 0.75}))
+    (model_dir / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    (model_dir / "test_predictions.csv").write_text("id,label,label_name,prediction\n0,1,malignant,1\n")
+    Image.new("RGB", (16, 16), "white").save(model_dir / "test_roc.png")
+    checkpoint = model_dir / "checkpoint-2"
+    checkpoint.mkdir()
+    shutil.copy(model_dir / "model.safetensors", checkpoint)
+    shutil.copy(model_dir / "trainer_state.json", checkpoint)
+    shutil.copy(model_dir / "training_args.bin", checkpoint)
+    (checkpoint / "optimizer.pt").write_bytes(_optimizer_state())
+    torch.save({"cpu": torch.random.get_rng_state()}, checkpoint / "rng_state.pth")
+    return model_dir
+
+
+def test_finetuning_output_pushes_as_it_is(finetuning_output, hub_server, caplog):  # noqa: F811
+    assert find_pickle(finetuning_output / "training_args.bin").format == "torch-zip"  # refused if it were sent
+    before = tree_state(finetuning_output)
+    push_model_dir(finetuning_output, REPO_ID, endpoint=hub_server.url, token=SECRET)
+    remote = hub_server.files(REPO_ID)
+    assert set(remote) == {
+        ".gitattributes",
+        "README.md",
+        "config.json",
+        "preprocessor_config.json",
+        "model.safetensors",
+        "all_results.json",
+        "trainer_state.json",
+        "training_args.json",
+        "test_predictions.csv",
+        "test_roc.png",
+    }
+    assert SECRET.encode() not in remote["training_args.json"]  # TrainingArguments redacts tokens in JSON
+    assert "left out training_args.bin: Trainer state pickles" in caplog.text
+    assert "left out checkpoint-2/: Trainer checkpoints (--include-checkpoints" in caplog.text
+    assert tree_state(finetuning_output) == before
+
+
+def test_cli_push_with_checkpoints_leaves_their_state_pickles_out(finetuning_output, hub_server, caplog):  # noqa: F811
+    argv = ["push", str(finetuning_output), "--repo-id", REPO_ID, "--endpoint", hub_server.url, "--include-checkpoints"]
+    assert main([*argv, "--token", SECRET]) == 0
+    remote = hub_server.files(REPO_ID)
+    assert remote["checkpoint-2/model.safetensors"] == (finetuning_output / "model.safetensors").read_bytes()
+    assert "checkpoint-2/trainer_state.json" in remote
+    left_out = ["checkpoint-2/optimizer.pt", "checkpoint-2/rng_state.pth", "checkpoint-2/training_args.bin"]
+    assert not set(left_out) & set(remote) and "training_args.bin" not in remote
+    assert f"left out {', '.join(left_out)}, training_args.bin: Trainer state pickles" in caplog.text
+    assert SECRET not in caplog.text
+
+
+def test_files_over_the_hub_limit_are_refused_before_uploading(model_dir, hub_server, monkeypatch, caplog):  # noqa: F811
+    size = (model_dir / "model.safetensors").stat().st_size
+    monkeypatch.setattr(hub, "MAX_FILE_BYTES", size - 1)
+    with pytest.raises(PublishError, match=r"model.safetensors is [0-9.e-]+ GB, over the Hub's limit") as error:
+        push_model_dir(model_dir, REPO_ID, endpoint=hub_server.url, token=SECRET)
+    assert "\n" not in str(error.value)
+    assert hub_server.requests == []
+
+    monkeypatch.setattr(hub, "MAX_FILE_BYTES", size)
+    monkeypatch.setattr(hub, "RECOMMENDED_MAX_FILE_BYTES", size - 1)
+    push_model_dir(model_dir, REPO_ID, endpoint=hub_server.url, token=SECRET)
+    assert "model.safetensors is" in caplog.text and "the Hub recommends files under" in caplog.text
+    assert "model.safetensors" in hub_server.files(REPO_ID)
 
 
 def test_hub_server_lfs_upload_listing_and_download(model_dir, tmp_path, monkeypatch):

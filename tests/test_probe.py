@@ -33,8 +33,20 @@ def _data_flags(root: Path) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("method", ["linear", "knn"])
-def test_probe_cli(method, tiny_model_dir, speckle_data, tmp_path):
+@pytest.mark.parametrize("method, dtype", [("linear", "fp32"), ("knn", "bf16")])
+def test_probe_cli(method, dtype, tiny_model_dir, speckle_data, tmp_path, monkeypatch, capsys):
+    import torch
+
+    import usfmae_hf.inference.features
+
+    real_load_encoder = usfmae_hf.inference.features.load_encoder
+    loaded = []
+
+    def spying_load_encoder(*args, **kwargs):
+        loaded.append(real_load_encoder(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(usfmae_hf.inference.features, "load_encoder", spying_load_encoder)
     output = tmp_path / method
     assert (
         main(
@@ -47,14 +59,19 @@ def test_probe_cli(method, tiny_model_dir, speckle_data, tmp_path):
                 method,
                 "--k",
                 "5",
+                "--dtype",
+                dtype,
                 "--output-dir",
                 str(output),
             ]
         )
         == 0
     )
+    assert capsys.readouterr().out.splitlines()[0] == f"precision: {dtype} (requested)"
+    assert next(loaded[0].parameters()).dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     results = json.loads((output / "all_results.json").read_text())
     assert results["method"] == method and results["test_num_samples"] == 12
+    assert (results["dtype"], results["precision"]) == (dtype, f"{dtype} (requested)")
     assert results["test_accuracy"] >= 0.9, results  # chance is 0.5: the classes differ in echogenicity
     with (output / "test_predictions.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -145,8 +162,9 @@ def _cv(model: Path, data_root: Path, output: Path, *flags: str) -> int:
 
 def test_cv_over_task_folds(tiny_model_dir, fake_gist514, tmp_path):
     output = tmp_path / "cv"
-    assert _cv(tiny_model_dir, fake_gist514, output, "--method", "knn", "--k", "3") == 0
+    assert _cv(tiny_model_dir, fake_gist514, output, "--method", "knn", "--k", "3", "--dtype", "fp32") == 0
     saved = json.loads((output / "cv_results.json").read_text())
+    assert [saved["folds"][fold]["dtype"] for fold in ("0", "1")] == ["fp32", "fp32"]
     fold_accuracy = [saved["folds"][fold]["test_accuracy"] for fold in ("0", "1")]
     assert saved["summary"]["accuracy"]["mean"] == pytest.approx(np.mean(fold_accuracy))
     assert saved["summary"]["accuracy"]["n"] == 2 and not math.isnan(saved["summary"]["accuracy"]["ci_low"])

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from synthetic_segmentation import write_generic
 from test_data_adapters import write_busbra
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,9 +79,10 @@ def reduce(command: str) -> list[str]:
     if argv[:2] == ["accelerate", "launch"]:
         launch = ["--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port())]
         argv = [sys.executable, "-m", "accelerate.commands.launch", *launch, *_drop_multi_node(argv[2:])]
-    if any(part.endswith(("pretrain_mae.py", "finetune_classification.py")) for part in argv):
+    finetuning = ("finetune_classification.py", "finetune_segmentation.py")
+    if any(part.endswith(("pretrain_mae.py", *finetuning)) for part in argv):
         argv += ["--dataloader_num_workers", "0"]
-    if any(part.endswith("finetune_classification.py") for part in argv):
+    if any(part.endswith(finetuning) for part in argv):
         argv += ["--use_cpu", "--report_to", "none", "--save_strategy", "no"]
     if argv[0] == "usfmae":
         argv = [sys.executable, "-m", "usfmae_hf.cli", *argv[1:]]
@@ -126,6 +128,7 @@ def workspace(tmp_path, ultrasound_dicoms):
     for name in ("OBXXXX1A.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm", "gdcm-US-ALOKA-16.dcm"):
         shutil.copy(ultrasound_dicoms[name], scanners / name)
     write_busbra(tmp_path / "BUSBRA")
+    write_generic(tmp_path / "lesions", 4, 2, size=32, n_test=2)
     (tmp_path / "training").symlink_to(ROOT / "training")  # README commands run from a checkout
     return tmp_path
 
@@ -179,5 +182,7 @@ def test_every_readme_command_and_snippet_runs(workspace, hub_server):
     assert (workspace / "usf-mae-vit-base" / "model.safetensors").is_file()
     assert (workspace / "runs" / "pretrain-nodes" / "final" / "config.json").is_file()
     assert (workspace / "runs" / "busbra-f1" / "all_results.json").is_file()
+    assert (workspace / "runs" / "lesions-seg" / "test_per_image_metrics.csv").is_file()
+    assert (workspace / "masks" / "scan_mask.png").is_file()
     pushed = hub_server.files("your-org/usf-mae-vit-base")
     assert pushed["model.safetensors"] == (workspace / "usf-mae-vit-base" / "model.safetensors").read_bytes()

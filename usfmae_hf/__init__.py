@@ -44,6 +44,9 @@ _LAZY_EXPORTS = {
     "load_encoder": "usfmae_hf.inference.features",
     "extract_features": "usfmae_hf.inference.features",
     "reconstruct": "usfmae_hf.inference.reconstruction",
+    "attention_maps": "usfmae_hf.inference.attention",
+    "load_segmenter": "usfmae_hf.inference.segmentation",
+    "predict_masks": "usfmae_hf.inference.segmentation",
 }
 
 __all__ = ["__version__", *_LAZY_EXPORTS]

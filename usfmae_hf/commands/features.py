@@ -3,35 +3,72 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
 from usfmae_hf.commands import positive_int, torch_device
 
-DTYPES = ("float32", "bfloat16", "float16")
+# usfmae_hf.precision.PRECISIONS, spelled out: importing that module (torch) would slow every command's start.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """``--dtype auto|fp32|bf16|fp16`` (default auto), shared by the inference commands."""
+    parser.add_argument(
+        "--dtype",
+        choices=PRECISIONS,
+        default="auto",
+        help="compute precision; auto: bf16 on CPUs with AMX or AVX-512 BF16 and on GPUs of compute capability "
+        "8.0+, else fp32; fp16 only on GPUs (default: auto)",
+    )
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that resumes ``args``' run: the same settings, spelled out, without ``--overwrite``
+    (which would start clean; the interrupted run's permission to replace the output is kept)."""
+    words = ["usfmae", "features", *args.inputs, "--model", str(args.model), "--output", str(args.output)]
+    for flag, value in (
+        ("--pooling", args.pooling),
+        ("--batch-size", args.batch_size),
+        ("--frame-stride", args.frame_stride),
+        ("--slice-stride", args.slice_stride),
+        ("--axis", args.axis),
+        ("--dtype", args.dtype),
+        ("--device", args.device),
+    ):
+        if value is not None:
+            words += [flag, str(value)]
+    return shlex.join(words + (["--quiet"] if args.quiet else []))
 
 
 def run_features(args: argparse.Namespace) -> int:
-    import torch
     from tqdm.auto import tqdm
 
-    from usfmae_hf.inference.feature_files import write_features
+    from usfmae_hf.inference.feature_files import FeaturesInterrupted, write_features
+    from usfmae_hf.precision import describe_precision
 
-    result = write_features(
-        args.inputs,
-        args.model,
-        args.output,
-        pooling=args.pooling,
-        batch_size=args.batch_size,
-        frame_stride=args.frame_stride,
-        slice_stride=args.slice_stride,
-        axis=args.axis,
-        device=args.device,
-        dtype=getattr(torch, args.dtype),
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-        on_skip=lambda message: tqdm.write(f"skipped {message}", file=sys.stderr),
-    )
+    print(f"precision: {describe_precision(args.dtype, args.device)}")
+    try:
+        result = write_features(
+            args.inputs,
+            args.model,
+            args.output,
+            pooling=args.pooling,
+            batch_size=args.batch_size,
+            frame_stride=args.frame_stride,
+            slice_stride=args.slice_stride,
+            axis=args.axis,
+            device=args.device,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+            on_skip=lambda message: tqdm.write(f"skipped {message}", file=sys.stderr),
+        )
+    except FeaturesInterrupted as interrupted:
+        again = "re-run the same command" + (" without --overwrite" if args.overwrite else "")
+        print(f"usfmae features: {interrupted}; to resume, {again}: {resume_command(args)}", file=sys.stderr)
+        raise
     resumed = f" ({result.resumed_files} resumed from an interrupted run)" if result.resumed_files else ""
     skipped = f"; {len(result.skipped)} unreadable file(s) skipped" if result.skipped else ""
     print(f"wrote {result.rows} feature rows from {result.files} file(s){resumed} to {result.output}{skipped}")
@@ -44,8 +81,9 @@ def register(subparsers) -> None:
         help="extract USF-MAE encoder features into a .parquet or .npy file",
         description="Encode every frame of the inputs (images, DICOM incl. cines, NIfTI/MHA/NRRD volumes as "
         "slices, videos) with a converted USF-MAE encoder, preprocessed exactly as in USF-MAE. Unreadable "
-        "files are reported and skipped. Progress is kept in OUTPUT.partial/: rerunning the same command "
-        "after an interruption resumes.",
+        "files are reported and skipped. Finished rows are saved in OUTPUT.partial/ every few seconds: "
+        "rerunning the same command after an interruption (Ctrl-C, a crash) resumes, provided nothing that "
+        "changes the numbers (model files, pooling, strides, --dtype) changed; --overwrite starts clean.",
     )
     parser.add_argument("inputs", nargs="+", help="files, folders (searched recursively) or quoted glob patterns")
     parser.add_argument(
@@ -56,7 +94,8 @@ def register(subparsers) -> None:
         "-o",
         type=Path,
         required=True,
-        help="FILE.parquet (columns path, frame, features) or FILE.npy (array; rows listed in FILE.csv)",
+        help="FILE.parquet (columns path, frame, features; settings in the schema metadata) or FILE.npy "
+        "(array; rows listed in FILE.csv, settings in FILE.json)",
     )
     parser.add_argument(
         "--pooling",
@@ -81,7 +120,9 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--device", type=torch_device, default=None, help="torch device, e.g. cpu or cuda (default: cpu)"
     )
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default: float32)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    add_dtype_argument(parser)
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output file; discard any interrupted run"
+    )
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_features)

@@ -25,6 +25,16 @@ def _threshold(value: str) -> int | None:
     return None if threshold < 0 else threshold
 
 
+def _megabytes(value: str) -> float:
+    try:
+        megabytes = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of MiB such as 4096, got {value!r}") from None
+    if not 0 < megabytes < float("inf"):
+        raise argparse.ArgumentTypeError("the limit must be a positive number of MiB")
+    return megabytes
+
+
 def _names(values: list[str] | None) -> list[str] | None:
     if values is None:
         return None
@@ -78,6 +88,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="perceptual-hash Hamming distance (of 64 bits) up to which images are near duplicates (default 2, -1 off)",
     )
     parser.add_argument(
+        "--max-decoded-mb",
+        type=_megabytes,
+        metavar="MB",
+        help=(
+            "skip (and list) DICOM, volume and video files whose header claims more decoded pixels than MB MiB, "
+            "checked before decoding (default: $USFMAE_MAX_DECODED_MB, else 2048); a rerun with a higher limit "
+            "decodes the files it now allows"
+        ),
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="discard the build already in DIR and rebuild it (needed to change options)",
@@ -105,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         options=options,
         num_proc=args.num_proc,
         overwrite=args.overwrite,
+        max_decoded_bytes=None if args.max_decoded_mb is None else max(1, int(args.max_decoded_mb * 2**20)),
     )
     unreadable = sum(len(d["unreadable"]) for d in report["datasets"])
     duplicates = sum(d["exact_duplicates"] + d["near_duplicates"] for d in report["datasets"])

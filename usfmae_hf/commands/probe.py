@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from usfmae_hf.commands import positive_int, torch_device
+from usfmae_hf.commands.features import add_dtype_argument
 from usfmae_hf.evaluation.labelled import TASKS
 
 
@@ -93,6 +94,7 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=positive_int, default=32, help="images per encoder forward pass (default: 32)"
     )
     parser.add_argument("--device", type=torch_device, help="torch device for the encoder (default: CPU)")
+    add_dtype_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="random seed of the probe (default: 0)")
 
 
@@ -104,7 +106,7 @@ def add_output_arguments(parser: argparse.ArgumentParser, help_text: str) -> Non
 
 def probe_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of ``run_probe`` from parsed :func:`add_probe_arguments` flags."""
-    names = ("method", "pooling", "k", "c", "batch_size", "device", "seed", "skip_unreadable")
+    names = ("method", "pooling", "k", "c", "batch_size", "device", "dtype", "seed", "skip_unreadable")
     return {name: getattr(args, name) for name in names}
 
 
@@ -128,7 +130,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from usfmae_hf.evaluation.probe import run_probe
+    from usfmae_hf.precision import describe_precision
 
+    print(f"precision: {describe_precision(args.dtype, args.device)}")
     results = run_probe(
         args.model, args.output_dir, data=data_kwargs(args, args.fold), overwrite=args.overwrite, **probe_kwargs(args)
     )

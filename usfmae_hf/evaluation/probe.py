@@ -56,6 +56,7 @@ def run_probe(
     c: float = 1.0,
     batch_size: int = 32,
     device: str | None = None,
+    dtype: str = "auto",
     skip_unreadable: bool = False,
     seed: int = 0,
     overwrite: bool = False,
@@ -64,9 +65,12 @@ def run_probe(
 
     ``data`` holds the keyword arguments of :func:`usfmae_hf.finetuning.data.load_labelled_images`
     (``train_dir``/``validation_dir``/``test_dir``, ``dataset_name``, or ``task``/``data_root``/``fold``).
+    ``dtype`` is the encoder's precision (``auto``, ``fp32``, ``bf16``, ``fp16``; see
+    :func:`usfmae_hf.precision.choose_precision`), recorded in the results as ``dtype`` and ``precision``.
     Returns the flat results written to ``all_results.json``.
     """
     from usfmae_hf.inference.features import extract_features, load_encoder
+    from usfmae_hf.precision import choose_precision
 
     dataset = drop_unreadable(load_labelled_images(**data), skip=skip_unreadable)
     label_names = check_labels(dataset)
@@ -74,13 +78,20 @@ def run_probe(
         raise UsfmaeError("probing needs a validation or test split to score")
     if method == "knn" and k > len(dataset["train"]):
         raise UsfmaeError(f"k={k} exceeds the {len(dataset['train'])} training images")
-    encoder = load_encoder(model, device=device)
+    precision = choose_precision(dtype, device)
+    encoder = load_encoder(model, device=device, dtype=precision.dtype)
     features = {
         split: extract_features(encoder, (row["image"] for row in ds), pooling=pooling, batch_size=batch_size).numpy()
         for split, ds in dataset.items()
     }
     probe = build_probe(method, k=k, c=c, seed=seed).fit(features["train"], dataset["train"]["label"])
-    results: dict[str, Any] = {"method": method, "pooling": pooling, "model": str(model)}
+    results: dict[str, Any] = {
+        "method": method,
+        "pooling": pooling,
+        "model": str(model),
+        "dtype": precision.name,
+        "precision": str(precision),
+    }
     results.update({"k": k} if method == "knn" else {"C": c})
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
         for split in EVAL_SPLITS:

@@ -62,17 +62,23 @@ def write_results(output_dir: str | os.PathLike, results: Mapping[str, Any]) -> 
     return path
 
 
-def card_results(reports: Mapping[str, Mapping[str, Any]], dataset: str) -> list[dict[str, Any]]:
+def card_results(
+    reports: Mapping[str, Mapping[str, Any]],
+    dataset: str,
+    *,
+    metrics: Sequence[tuple[str, str, str]] = CARD_METRICS,
+    task: str = "image-classification",
+) -> list[dict[str, Any]]:
     """Model-card ``results`` (for ``usfmae_hf.publishing.cards.render_model_card``) from split reports;
-    undefined ones skipped."""
+    undefined ones skipped. ``metrics`` are ``(report key, Hub metric type, display name)`` triples."""
     results = []
     for split, report in reports.items():
-        for key, metric, display in CARD_METRICS:
+        for key, metric, display in metrics:
             value = report.get(key)
             if value is not None and not np.isnan(value):
                 results.append(
                     {
-                        "task": "image-classification",
+                        "task": task,
                         "dataset": dataset,
                         "split": split,
                         "metric": metric,

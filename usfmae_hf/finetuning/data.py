@@ -44,3 +44,29 @@ def with_transforms(dataset, *, image_size: int, augment: str | None):
             for split, ds in dataset.items()
         }
     )
+
+
+def _segmentation_transform(joint_transform: Callable) -> Callable[[dict[str, list]], dict[str, list]]:
+    def apply(batch: dict[str, list]) -> dict[str, list]:
+        pairs = [joint_transform(image, mask) for image, mask in zip(batch["image"], batch["mask"], strict=True)]
+        return {"pixel_values": [image for image, _ in pairs], "labels": [mask for _, mask in pairs]}
+
+    return apply
+
+
+def with_segmentation_transforms(dataset, *, image_size: int, augment: str | None):
+    """Attach joint image + mask transforms: ``augment`` recipe (or none) on train, the eval resize elsewhere."""
+    from datasets import DatasetDict
+
+    from usfmae_hf.image.augment import build_segmentation_transform
+
+    return DatasetDict(
+        {
+            split: ds.with_transform(
+                _segmentation_transform(
+                    build_segmentation_transform(augment, image_size, train=split == "train" and augment is not None)
+                )
+            )
+            for split, ds in dataset.items()
+        }
+    )

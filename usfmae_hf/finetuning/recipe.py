@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ from transformers import Trainer, TrainingArguments
 
 from usfmae_hf.model.parameters import is_no_decay
 
-_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+# Encoder block N: ``vit.layers.N.`` (ViT classifiers, current names) or ``dpt.encoder.layer.N.`` (DPT keeps
+# the legacy names). Anchored on the encoder's prefix so that DPT's ``neck.*.layers.N`` is not taken for a block.
+_LAYER_INDEX = re.compile(r"\.(?:vit|dpt)\.(?:layers|encoder\.layer)\.(\d+)\.")
 
 # The original MAE fine-tuning recipe for ViT-B (Table 9 of He et al. 2022, ``main_finetune.py``).
 MAE_PRESET: Mapping[str, Any] = {
@@ -39,6 +42,41 @@ MAE_PRESET: Mapping[str, Any] = {
 }
 
 
+# The MAE paper's semantic-segmentation recipe for ViT-B (BEiT's ADE20K setup: AdamW lr 1e-4 at batch 16,
+# layer decay 0.65, weight decay 0.05, 1500 warmup iterations of 160k), with MAE augmentation.
+SEGMENTATION_MAE_PRESET: Mapping[str, Any] = {
+    "learning_rate": 1e-4,
+    "layer_decay": 0.65,
+    "weight_decay": 0.05,
+    "warmup_ratio": 0.01,
+    "augment": "mae",
+}
+
+
+def resolve_options(arguments: Any, defaults: Mapping[str, Any], preset: Mapping[str, Any]) -> dict[str, Any]:
+    """Each option of ``defaults``: its value in ``arguments`` if given (not None), else the preset's, else default."""
+    options = {}
+    for name, default in defaults.items():
+        value = getattr(arguments, name)
+        options[name] = value if value is not None else preset.get(name, default)
+    return options
+
+
+def apply_training_preset(preset: Mapping[str, Any], training_args: TrainingArguments, blr: float | None) -> None:
+    """Set the preset's weight decay, warmup and learning rate where ``training_args`` keep their defaults
+    (TrainingArguments have no "unset" state), and ``learning_rate = blr * effective batch / 256`` when ``blr``
+    is given."""
+    defaults = {item.name: item.default for item in dataclasses.fields(TrainingArguments)}
+    if "weight_decay" in preset and training_args.weight_decay == defaults["weight_decay"]:
+        training_args.weight_decay = preset["weight_decay"]
+    if "warmup_ratio" in preset and training_args.warmup_steps == defaults["warmup_steps"]:
+        training_args.warmup_steps = preset["warmup_ratio"]  # a float below 1 is a fraction of the steps
+    if blr is not None:
+        training_args.learning_rate = scaled_learning_rate(blr, training_args)
+    elif "learning_rate" in preset and training_args.learning_rate == defaults["learning_rate"]:
+        training_args.learning_rate = preset["learning_rate"]
+
+
 def scaled_learning_rate(blr: float, args: TrainingArguments) -> float:
     """MAE's rule ``lr = blr * effective_batch / 256``, effective batch over accumulation and processes."""
     effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
@@ -46,7 +84,8 @@ def scaled_learning_rate(blr: float, args: TrainingArguments) -> float:
 
 
 def layer_id(name: str, num_layers: int) -> int:
-    """Depth of a parameter for layer-wise lr decay: embeddings 0, block ``i`` -> ``i + 1``, the rest last."""
+    """Depth of a parameter for layer-wise lr decay: embeddings 0, block ``i`` -> ``i + 1``, the rest (heads,
+    norms after the last block, a segmentation decoder) last."""
     if ".embeddings." in f".{name}":
         return 0
     match = _LAYER_INDEX.search(f".{name}")
@@ -103,13 +142,16 @@ class UsfmaeTrainer(Trainer):
         return self.optimizer
 
 
-def balanced_class_weights(labels: Sequence[int], num_labels: int) -> torch.Tensor:
-    """``n_samples / (n_classes * count)`` per class (scikit-learn's "balanced"); refuses an empty class."""
-    counts = np.bincount(np.asarray(labels), minlength=num_labels)
+def balanced_class_weights(labels: Sequence[int] | None, num_labels: int, *, counts=None) -> torch.Tensor:
+    """``n_samples / (n_classes * count)`` per class (scikit-learn's "balanced"); refuses an empty class.
+
+    Give the ``labels`` (one per sample) or their per-class ``counts`` (e.g. pixel counts of masks).
+    """
+    counts = np.bincount(np.asarray(labels), minlength=num_labels) if counts is None else np.asarray(counts)
     if (counts == 0).any():
         missing = np.flatnonzero(counts == 0).tolist()
         raise ValueError(f"class-weighted loss needs every class in the training split; classes {missing} are absent")
-    return torch.tensor(len(labels) / (num_labels * counts), dtype=torch.float32)
+    return torch.tensor(counts.sum() / (num_labels * counts), dtype=torch.float32)
 
 
 @dataclass

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from transformers import TrainingArguments
@@ -26,13 +25,16 @@ from usfmae_hf.finetuning.data import (
     with_transforms,
 )
 from usfmae_hf.finetuning.heads import HEADS, build_classifier
+from usfmae_hf.finetuning.outputs import dataset_label, push_output, write_card, write_training_arguments
+from usfmae_hf.finetuning.parameter_efficient import PeftArguments, export_merged_model, prepare_model
 from usfmae_hf.finetuning.recipe import (
     MAE_PRESET,
     ClassificationCollator,
     ClassificationLoss,
     UsfmaeTrainer,
+    apply_training_preset,
     balanced_class_weights,
-    scaled_learning_rate,
+    resolve_options,
 )
 
 logger = logging.getLogger(__name__)
@@ -150,20 +152,20 @@ class DataArguments:
 def resolve_recipe(model_args: ModelArguments, training_args: TrainingArguments) -> dict[str, Any]:
     """Fill unset options from the preset; return the effective recipe (also applied to ``training_args``)."""
     preset = MAE_PRESET if model_args.recipe == "mae" else {}
-    options = {
-        name: value if value is not None else preset.get(name, default)
-        for name, default in (
-            ("head", "cls"),
-            ("augment", "usfmae"),
-            ("blr", None),
-            ("layer_decay", 1.0),
-            ("drop_path", 0.0),
-            ("label_smoothing", 0.0),
-            ("mixup", 0.0),
-            ("cutmix", 0.0),
-        )
-        for value in [getattr(model_args, name)]
-    }
+    options = resolve_options(
+        model_args,
+        {
+            "head": "cls",
+            "augment": "usfmae",
+            "blr": None,
+            "layer_decay": 1.0,
+            "drop_path": 0.0,
+            "label_smoothing": 0.0,
+            "mixup": 0.0,
+            "cutmix": 0.0,
+        },
+        preset,
+    )
     if training_args.label_smoothing_factor:
         if (
             model_args.label_smoothing is not None
@@ -171,13 +173,7 @@ def resolve_recipe(model_args: ModelArguments, training_args: TrainingArguments)
         ):
             raise UsfmaeError("--label_smoothing and --label_smoothing_factor disagree; give one")
         options["label_smoothing"] = training_args.label_smoothing_factor
-    # TrainingArguments have no "unset" state: the preset applies where they keep their defaults.
-    if preset and training_args.weight_decay == 0.0:
-        training_args.weight_decay = preset["weight_decay"]
-    if preset and training_args.warmup_steps == 0:
-        training_args.warmup_steps = preset["warmup_ratio"]
-    if options["blr"] is not None:
-        training_args.learning_rate = scaled_learning_rate(options["blr"], training_args)
+    apply_training_preset(preset, training_args, options["blr"])
     options.update(
         learning_rate=training_args.learning_rate,
         weight_decay=training_args.weight_decay,
@@ -187,14 +183,19 @@ def resolve_recipe(model_args: ModelArguments, training_args: TrainingArguments)
 
 
 def run_finetuning(
-    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    peft_args: PeftArguments | None = None,
 ) -> dict[str, Any]:
     """Train, then evaluate on validation and test (whatever ``eval_strategy`` says) and write the outputs.
 
     Writes into ``training_args.output_dir``: the model (+ processor and, for the mean head, its code),
     ``all_results.json``, ``{split}_predictions.csv``, ``{split}_confusion_matrix.png``,
     ``{split}_roc.png`` and a model card whose ``model-index`` holds these results. With
-    ``--push_to_hub`` the directory is uploaded once at the end (not at every checkpoint).
+    ``--push_to_hub`` the directory is uploaded once at the end (not at every checkpoint). With
+    ``--peft lora`` the model saved is a peft adapter (``adapter_config.json`` + ``adapter_model.safetensors``,
+    head included), plus the merged plain model in ``merged/`` with ``--export_merged``.
     Returns the flat results dict.
     """
     from transformers import set_seed
@@ -203,7 +204,9 @@ def run_finetuning(
     from usfmae_hf.image.processor import build_image_processor
 
     set_seed(training_args.seed)
+    peft_args = peft_args or PeftArguments()
     recipe = resolve_recipe(model_args, training_args)
+    recipe.update(peft_args.options())
     dataset = drop_unreadable(load_labelled_images(**data_args.source()), skip=data_args.skip_unreadable)
     label_names = check_labels(dataset)
     if training_args.eval_strategy != "no" and "validation" not in dataset:
@@ -213,6 +216,7 @@ def run_finetuning(
     model = build_classifier(
         model_args.model_name_or_path, label_names, head=recipe["head"], drop_path_rate=recipe["drop_path"]
     )
+    model = prepare_model(model, peft_args, base_model_name_or_path=model_args.model_name_or_path)
     image_size = model.config.image_size
     processed = with_transforms(
         dataset, image_size=image_size, augment=None if recipe["augment"] == "none" else recipe["augment"]
@@ -257,70 +261,30 @@ def run_finetuning(
     if trainer.is_world_process_zero():
         results.update(recipe=recipe, world_size=training_args.world_size)
         write_results(training_args.output_dir, results)
-        _write_card(trainer, model_args, recipe, card_results(reports, _dataset_label(data_args)), training_args)
+        write_training_arguments(training_args)
+        export_merged_model(trainer, peft_args)
+        write_card(
+            "classifier",
+            trainer.model,
+            model_name_or_path=model_args.model_name_or_path,
+            recipe=recipe,
+            results=card_results(reports, _dataset_label(data_args)),
+            training_args=training_args,
+            evaluation_notes="Metrics computed after training on each split with the packaged "
+            "`ultrasound_classification` metric (scikit-learn).",
+        )
         if push:
-            _push(training_args)
+            push_output(training_args)
     return results
 
 
 def _dataset_label(data_args: DataArguments) -> str:
-    if data_args.card_dataset_name:
-        return data_args.card_dataset_name
-    if data_args.task:
-        return task_display_name(data_args.task)
-    return data_args.dataset_name or Path(data_args.train_dir).resolve().parent.name
-
-
-def _write_card(
-    trainer,
-    model_args: ModelArguments,
-    recipe: dict[str, Any],
-    results: list[dict[str, Any]],
-    training_args: TrainingArguments,
-) -> None:
-    from usfmae_hf.publishing.cards import render_model_card
-
-    hyperparameters = {key: value for key, value in recipe.items() if value is not None}
-    hyperparameters.update(
-        epochs=training_args.num_train_epochs,
-        max_steps=training_args.max_steps,
-        per_device_train_batch_size=training_args.per_device_train_batch_size,
-        seed=training_args.seed,
+    return dataset_label(
+        card_dataset_name=data_args.card_dataset_name,
+        task_name=task_display_name(data_args.task) if data_args.task else None,
+        dataset_name=data_args.dataset_name,
+        train_dir=data_args.train_dir,
     )
-    card = render_model_card(
-        "classifier",
-        config=trainer.model.config,
-        base_model=model_args.model_name_or_path if not Path(model_args.model_name_or_path).exists() else None,
-        results=results,
-        repo_id=training_args.hub_model_id,
-        extra={
-            "training": hyperparameters,
-            "evaluation_notes": "Metrics computed after training on each split with the packaged "
-            "`ultrasound_classification` metric (scikit-learn).",
-        },
-    )
-    card.save(Path(training_args.output_dir) / "README.md")
-
-
-def _push(training_args: TrainingArguments) -> None:
-    """Upload the output directory's top-level files except Trainer pickles (``training_args.bin``) and checkpoints."""
-    import shutil
-    import tempfile
-
-    from usfmae_hf.publishing.hub import push_model_dir
-
-    if not training_args.hub_model_id:
-        raise UsfmaeError("--push_to_hub needs --hub_model_id")
-    with tempfile.TemporaryDirectory() as staging:
-        for path in Path(training_args.output_dir).iterdir():
-            if path.is_file() and path.suffix != ".bin":
-                shutil.copy2(path, staging)
-        push_model_dir(
-            staging,
-            training_args.hub_model_id,
-            private=bool(training_args.hub_private_repo),
-            token=training_args.hub_token,
-        )
 
 
 def main(
@@ -332,7 +296,7 @@ def main(
     from usfmae_hf.launch import run_from_command_line
 
     return run_from_command_line(
-        (ModelArguments, DataArguments, TrainingArguments),
+        (ModelArguments, DataArguments, TrainingArguments, PeftArguments),
         run_finetuning,
         prog="finetune_classification",
         description=description,

@@ -14,6 +14,11 @@ the scale: torchvision draws up to 10 (area, aspect) candidates, rejects any tha
 the image, and falls back to the whole image (for aspect ratios within 3/4..4/3). On USF-MAE's square
 inputs a crop therefore covers 50-100% of the image, and the whole image is used whenever all
 10 draws land above 100%.
+
+:func:`build_segmentation_transform` applies the same recipes jointly to an image and its label
+mask: one set of random parameters per call for both, the image resampled as above, the mask by
+nearest neighbour on the same pixel-centre grid (so no new label values appear), rotated-in corners
+filled with 0 in both (black image, background label).
 """
 
 from __future__ import annotations
@@ -106,12 +111,18 @@ class PerSample(torch.nn.Module):
         return self.transform(tv_tensors.Image(sample)).as_subclass(torch.Tensor)
 
 
+def _usfmae_resize(image_size: int) -> v2.Resize:
+    """USF-MAE's ``Resize((S, S), NEAREST)``, aspect ratio not kept.
+
+    NEAREST_EXACT is PIL's NEAREST on PIL images and its closest tensor equivalent.
+    """
+    return v2.Resize((image_size, image_size), interpolation=v2.InterpolationMode.NEAREST_EXACT)
+
+
 def _recipe_stages(recipe: str, image_size: int) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
     """Split a recipe's geometric ops into those that reach a fixed size and those applied after it."""
-    size = (image_size, image_size)
     if recipe == "usfmae":
-        # NEAREST_EXACT is PIL's NEAREST on PIL images and its closest tensor equivalent.
-        to_fixed = [v2.Resize(size, interpolation=v2.InterpolationMode.NEAREST_EXACT)]
+        to_fixed = [_usfmae_resize(image_size)]
         at_fixed = [
             v2.RandomRotation((0, 90)),
             v2.RandomHorizontalFlip(0.5),
@@ -155,11 +166,96 @@ def build_eval_transform(image_size: int = 224) -> v2.Compose:
     Gives the same numbers as ``build_image_processor(image_size)`` on PIL images and uint8 arrays
     (tensors are resized with torchvision's nearest-exact kernel, which can pick a neighbouring pixel).
     """
-    return v2.Compose(
-        [
-            ToRGB(),
-            v2.Resize((image_size, image_size), interpolation=v2.InterpolationMode.NEAREST_EXACT),
-            v2.ToImage(),
-            RescaleNormalize(),
-        ]
+    return v2.Compose([ToRGB(), _usfmae_resize(image_size), v2.ToImage(), RescaleNormalize()])
+
+
+class LabelMask(tv_tensors.Mask):
+    """A label mask that every resampling op samples on the image's pixel-centre grid.
+
+    torchvision resizes plain :class:`~torchvision.tv_tensors.Mask`\\ s inside ``resized_crop`` with
+    ``nearest`` (source pixel ``floor(i * scale)``), while the image's bilinear, bicubic and PIL
+    kernels sample at pixel centres (``floor((i + 0.5) * scale)``): the mask would trail the image by
+    up to one source pixel. Here both resize paths use ``nearest-exact``, which is still nearest
+    neighbour (no new label values). Rotation already samples masks at pixel centres. Always
+    ``1 x H x W`` (see :class:`JointTransform`).
+    """
+
+
+@F.register_kernel(F.resize, LabelMask)
+def _resize_label_mask(
+    mask: LabelMask, size: list[int] | None, max_size: int | None = None, **kwargs: Any
+) -> LabelMask:
+    output = F.resize_image(
+        mask.as_subclass(torch.Tensor), size, interpolation=v2.InterpolationMode.NEAREST_EXACT, max_size=max_size
     )
+    return tv_tensors.wrap(output, like=mask)
+
+
+@F.register_kernel(F.resized_crop, LabelMask)
+def _resized_crop_label_mask(
+    mask: LabelMask, top: int, left: int, height: int, width: int, size: list[int], **kwargs: Any
+) -> LabelMask:
+    cropped = F.crop_mask(mask.as_subclass(torch.Tensor), top, left, height, width)
+    output = F.resize_image(cropped, size, interpolation=v2.InterpolationMode.NEAREST_EXACT)
+    return tv_tensors.wrap(output, like=mask)
+
+
+def _as_label_mask(mask: Any) -> LabelMask:
+    """A PIL label mask (mode ``L``, ``P``, ``I``...; values are label ids), array or tensor -> ``1 x H x W`` uint8."""
+    if isinstance(mask, Image.Image):
+        if mask.mode not in ("1", "L", "P", "I", "I;16"):
+            raise ValueError(f"a label mask must be a single-channel image of label ids, got mode {mask.mode}")
+        mask = np.array(mask)
+    values = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
+    if values.ndim == 3 and values.shape[0] == 1:
+        values = values[0]
+    if values.ndim != 2:
+        raise ValueError(f"a label mask must be H x W, got shape {tuple(values.shape)}")
+    if values.is_floating_point() or values.min() < 0 or values.max() > 255:
+        raise ValueError("label ids must be integers in 0..255")
+    return LabelMask(values.to(torch.uint8).unsqueeze(0))
+
+
+class JointTransform(torch.nn.Module):
+    """Apply geometric ops to an image and its label mask with one set of random parameters.
+
+    Call with ``(image, mask)``: the image as for the image-only transforms (PIL, uint8 array or
+    tensor), the mask a single-channel PIL image (mode ``L`` or ``P``: the stored values are the label
+    ids; a ``P`` palette is ignored), an ``H x W`` integer array or tensor, of the same size. Returns
+    ``(pixel_values, labels)``: normalised float32 ``3 x S x S`` and int64 ``S x S``.
+    """
+
+    def __init__(self, geometric: Sequence[torch.nn.Module]) -> None:
+        super().__init__()
+        self.to_rgb = ToRGB()
+        self.geometric = v2.Compose(list(geometric))
+        self.finish = v2.Compose([v2.ToImage(), RescaleNormalize()])
+
+    def forward(self, image: Any, mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        image, labels = self.to_rgb(image), _as_label_mask(mask)
+        image_size = tuple(image.size[::-1]) if isinstance(image, Image.Image) else tuple(image.shape[-2:])
+        if image_size != tuple(labels.shape[-2:]):
+            raise ValueError(f"image size {image_size} and mask size {tuple(labels.shape[-2:])} differ (H, W)")
+        image, labels = self.geometric(image, labels)
+        return self.finish(image), labels.as_subclass(torch.Tensor)[0].to(torch.int64)
+
+
+def build_segmentation_transform(
+    recipe: Recipe | None = None, image_size: int = 224, train: bool = False
+) -> JointTransform:
+    """Return the joint image + label-mask transform of ``recipe``.
+
+    With ``train=False`` (or ``recipe=None``) it is the evaluation transform: the image exactly as
+    :func:`build_eval_transform`, the mask resized to ``S x S`` by nearest neighbour on the same grid
+    (what PIL's ``NEAREST`` gives). With ``train=True`` the recipe's random ops run on both, with the
+    parameters :func:`build_train_transform` would draw from the same random state, so the image
+    equals its output: ``usfmae`` resizes, rotates by 0-90 degrees, flips both ways and takes a
+    ``RandomResizedCrop(S, scale=(0.5, 2.0))``; ``mae`` takes a bicubic ``RandomResizedCrop(S, scale=(0.2,
+    1.0))`` and a horizontal flip. Masks are only ever resampled by nearest neighbour, so they keep
+    their label values; corners rotated into view are 0 in both (black image, background label - the
+    black outside an ultrasound sector is background too, and no ignore index has to reach the loss).
+    """
+    if not train or recipe is None:
+        return JointTransform([_usfmae_resize(image_size)])
+    to_fixed, at_fixed = _recipe_stages(recipe, image_size)
+    return JointTransform([*to_fixed, *at_fixed])

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from transformers import AutoImageProcessor, PreTrainedConfig, ViTImageProcessorPil
+from transformers import AutoImageProcessor, DPTImageProcessorPil, PreTrainedConfig, ViTImageProcessorPil
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,14 +35,13 @@ NEAREST = 0  # PIL.Image.Resampling.NEAREST / transformers' PILImageResampling.N
 PROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 
 
-class UsfmaeImageProcessor(ViTImageProcessorPil):
-    """``ViTImageProcessorPil`` whose RGB step is PIL's ``convert("RGB")``, as in USF-MAE.
+class _AlphaDroppingRGB:
+    """PIL-backend processor mixin whose RGB step is PIL's ``convert("RGB")``, as in USF-MAE.
 
     transformers 5 composites RGBA, LA and transparent-palette images onto white before converting;
-    ``convert("RGB")`` (what USF-MAE trained with) drops the alpha channel instead. This class drops it,
-    so the numbers equal USF-MAE's transform for every image mode. It saves a plain
-    ``ViTImageProcessor`` config, so a stock transformers install still loads the directory (and then
-    composites alpha onto white: the one difference left on that path).
+    ``convert("RGB")`` (what USF-MAE trained with) drops the alpha channel instead. A stock
+    transformers install loading the saved config composites alpha onto white: the one difference
+    left on that path.
     """
 
     def convert_to_rgb(self, image: Any, input_data_format: Any = None) -> np.ndarray:
@@ -58,9 +57,29 @@ class UsfmaeImageProcessor(ViTImageProcessorPil):
                 return np.moveaxis(np.moveaxis(image, channel_axis, -1)[..., :3], -1, channel_axis)
         return super().convert_to_rgb(image, input_data_format=input_data_format)
 
+
+class UsfmaeImageProcessor(_AlphaDroppingRGB, ViTImageProcessorPil):
+    """``ViTImageProcessorPil`` with USF-MAE's alpha handling; saves a plain ``ViTImageProcessor`` config,
+    so a stock transformers install still loads the directory."""
+
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
         output["image_processor_type"] = "ViTImageProcessor"
+        return output
+
+
+class UsfmaeSegmentationProcessor(_AlphaDroppingRGB, DPTImageProcessorPil):
+    """``DPTImageProcessorPil`` set to USF-MAE's transform, for segmentation models.
+
+    The same resize (square, NEAREST, aspect ratio not kept) and normalisation as
+    :class:`UsfmaeImageProcessor`, plus DPT's ``post_process_semantic_segmentation``, which
+    ``pipeline("image-segmentation")`` needs to turn logits into masks at the input's size. Saves a
+    plain ``DPTImageProcessor`` config.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output["image_processor_type"] = "DPTImageProcessor"
         return output
 
 
@@ -126,17 +145,9 @@ AutoImageProcessor.register(
 )
 
 
-def build_image_processor(
-    image_size: int = 224, *, crop_to_scan_area: bool = False, remove_annotations: bool = False
-) -> ViTImageProcessorPil:
-    """Return the image processor that reproduces USF-MAE's evaluation transform exactly.
-
-    Args:
-        image_size: output height and width (the model's ``image_size``).
-        crop_to_scan_area: first crop each image to its scan area (off in USF-MAE).
-        remove_annotations: first inpaint burned-in annotations (USF-MAE did this offline, before training).
-    """
-    kwargs = dict(
+def _usfmae_settings(image_size: int) -> dict[str, Any]:
+    """USF-MAE's evaluation transform as image-processor keyword arguments."""
+    return dict(
         do_resize=True,
         size={"height": image_size, "width": image_size},
         resample=NEAREST,
@@ -147,6 +158,19 @@ def build_image_processor(
         image_std=list(IMAGENET_STD),
         do_convert_rgb=True,
     )
+
+
+def build_image_processor(
+    image_size: int = 224, *, crop_to_scan_area: bool = False, remove_annotations: bool = False
+) -> ViTImageProcessorPil:
+    """Return the image processor that reproduces USF-MAE's evaluation transform exactly.
+
+    Args:
+        image_size: output height and width (the model's ``image_size``).
+        crop_to_scan_area: first crop each image to its scan area (off in USF-MAE).
+        remove_annotations: first inpaint burned-in annotations (USF-MAE did this offline, before training).
+    """
+    kwargs = _usfmae_settings(image_size)
     if crop_to_scan_area or remove_annotations:
         return UltrasoundImageProcessor(
             crop_to_scan_area=crop_to_scan_area, remove_annotations=remove_annotations, **kwargs
@@ -154,7 +178,20 @@ def build_image_processor(
     return UsfmaeImageProcessor(**kwargs)
 
 
-def load_image_processor(path: str | os.PathLike, *, image_size: int | None = None) -> ViTImageProcessorPil:
+def build_segmentation_processor(image_size: int = 224) -> UsfmaeSegmentationProcessor:
+    """The segmentation counterpart of :func:`build_image_processor`: the same numbers, DPT's post-processing."""
+    return UsfmaeSegmentationProcessor(
+        **_usfmae_settings(image_size),
+        keep_aspect_ratio=False,
+        ensure_multiple_of=1,
+        do_pad=False,
+        do_reduce_labels=False,
+    )
+
+
+def load_image_processor(
+    path: str | os.PathLike, *, image_size: int | None = None
+) -> UsfmaeImageProcessor | UsfmaeSegmentationProcessor:
     """Load the exact (PIL-backend) processor saved in a model directory.
 
     Falls back to :func:`build_image_processor` with ``image_size`` (or the directory's
@@ -163,8 +200,11 @@ def load_image_processor(path: str | os.PathLike, *, image_size: int | None = No
     path = Path(path)
     config_file = path / PROCESSOR_CONFIG_NAME
     if config_file.is_file():
-        if json.loads(config_file.read_text()).get("image_processor_type") == UltrasoundImageProcessor.__name__:
+        processor_type = json.loads(config_file.read_text()).get("image_processor_type")
+        if processor_type == UltrasoundImageProcessor.__name__:
             return AutoImageProcessor.from_pretrained(path, backend="pil")
+        if processor_type == "DPTImageProcessor":
+            return UsfmaeSegmentationProcessor.from_pretrained(path)
         # A plain ViT config: the same settings, with USF-MAE's alpha handling.
         return UsfmaeImageProcessor.from_pretrained(path)
     if image_size is None:

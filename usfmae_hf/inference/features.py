@@ -27,20 +27,26 @@ from usfmae_hf.image.processor import build_image_processor, load_image_processo
 from usfmae_hf.io import load_image
 from usfmae_hf.model.directory import encoder_config, model_type
 from usfmae_hf.model.loading import quiet_loading_report
+from usfmae_hf.precision import resolve_dtype
 
 Pooling = Literal["cls", "mean", "patches"]
 ImageLike = Image.Image | np.ndarray | str | os.PathLike
 POOLINGS: tuple[str, ...] = ("cls", "mean", "patches")
 
 
-def _place(model: torch.nn.Module, device: str | torch.device | None, dtype: torch.dtype | None) -> torch.nn.Module:
+def _place(
+    model: torch.nn.Module, device: str | torch.device | None, dtype: torch.dtype | str | None
+) -> torch.nn.Module:
+    """Move ``model`` to ``device`` and ``dtype`` (a name such as ``"auto"`` is resolved for that device)."""
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, device or next(model.parameters()).device)
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model.eval()
 
 
 def load_encoder(
-    path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
 ) -> ViTModel:
     """Load the encoder of a converted USF-MAE directory as a ``ViTModel`` in eval mode.
 
@@ -48,7 +54,8 @@ def load_encoder(
         path: a ``vit_mae`` directory (``ViTMAEForPreTraining`` weights; the decoder is not loaded) or
             an encoder-only ``vit`` directory written by ``usfmae convert --format vit``.
         device: where to put the model (default: CPU).
-        dtype: parameter dtype (default: as stored, float32).
+        dtype: parameter dtype (default: as stored, float32): a torch dtype or a precision name
+            (``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``; see :mod:`usfmae_hf.precision`).
 
     Raises:
         UsfmaeError: ``path`` is not a converted ViT/ViTMAE directory or lacks encoder weights.
@@ -125,7 +132,7 @@ def extract_features(
     pooling: Pooling = "cls",
     batch_size: int = 32,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     processor: Any = None,
 ) -> torch.Tensor:
     """Encode images with a USF-MAE encoder; the same inputs give the same features on every call.
@@ -139,7 +146,8 @@ def extract_features(
             ``"patches"`` -> ``(N, L, D)`` patch tokens in row-major spatial order. All after the
             encoder's final LayerNorm.
         batch_size: images per forward pass.
-        device, dtype: move the encoder there first (default: leave it where it is).
+        device, dtype: move the encoder there first (default: leave it where it is); ``dtype`` may be a
+            precision name such as ``"auto"`` (see :mod:`usfmae_hf.precision`).
         processor: image processor (default: the one saved beside the encoder, see :func:`processor_for`).
 
     Returns:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from transformers import ViTMAEForPreTraining
 from usfmae_hf.atomic import atomic_write_bytes
 from usfmae_hf.errors import UsfmaeError
 from usfmae_hf.image.processor import IMAGENET_MEAN, IMAGENET_STD
-from usfmae_hf.inference.features import ImageLike, _batches, processor_for
+from usfmae_hf.inference.features import ImageLike, _batches, _place, processor_for
 from usfmae_hf.model.directory import model_type
 
 
@@ -75,6 +75,7 @@ def reconstruct(
     seed: int = 0,
     output: str | os.PathLike | None = None,
     processor: Any = None,
+    dtype: torch.dtype | str | None = None,
 ) -> Reconstruction:
     """Mask ``mask_ratio`` of each image's patches (random, reproducible by ``seed``) and reconstruct them.
 
@@ -86,26 +87,27 @@ def reconstruct(
         output: if given, write a PNG grid (one row per image: original, masked, reconstruction,
             reconstruction with the visible patches pasted back) there.
         processor: image processor (default: the model's, see :func:`processor_for`).
+        dtype: move the model to this dtype first: a torch dtype or a precision name such as ``"auto"``
+            (see :mod:`usfmae_hf.precision`); default: leave it as it is.
     """
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     if not isinstance(model, ViTMAEForPreTraining):
         model = _load_pretraining_model(Path(model))
-    model.eval()
+    _place(model, None, dtype)
     processor = processor or processor_for(model)
     pixel_values = torch.cat(list(_batches(images, 64, processor)))
     parameter = next(model.parameters())
-    pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
     num_patches = model.vit.embeddings.patch_embeddings.num_patches
     noise = torch.rand(pixel_values.shape[0], num_patches, generator=torch.Generator().manual_seed(seed))
+    inputs = pixel_values.to(device=parameter.device, dtype=parameter.dtype)  # pixel_values stay fp32, on CPU
     saved_ratio = model.config.mask_ratio
     model.config.mask_ratio = float(mask_ratio)
     try:
-        outputs = model(pixel_values=pixel_values, noise=noise.to(parameter.device))
+        outputs = model(pixel_values=inputs, noise=noise.to(parameter.device))
     finally:
         model.config.mask_ratio = saved_ratio
-    logits, mask = outputs.logits.float(), outputs.mask.float()
-    pixel_values = pixel_values.float()
+    logits, mask = outputs.logits.float().cpu(), outputs.mask.float().cpu()
     if model.config.norm_pix_loss:
         logits = _unnormalise_patches(model, pixel_values, logits, mask)
     patch_mask = mask.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
@@ -130,8 +132,13 @@ def _load_pretraining_model(path: Path) -> ViTMAEForPreTraining:
     return ViTMAEForPreTraining.from_pretrained(path)
 
 
-def save_reconstruction_grid(result: Reconstruction, output: str | os.PathLike) -> Path:
-    """Write ``result`` as a PNG grid (rows: images; columns: original, masked, reconstruction, pasted)."""
+def save_reconstruction_grid(
+    result: Reconstruction, output: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``result`` as a PNG grid (rows: images; columns: original, masked, reconstruction, pasted).
+
+    ``metadata`` is stored as PNG text chunks (``PIL.Image.open(output).text``).
+    """
     from matplotlib.figure import Figure  # no pyplot: leaves the user's matplotlib backend alone
 
     columns = ("original", "masked", "reconstruction", "reconstruction + visible")
@@ -147,7 +154,7 @@ def save_reconstruction_grid(result: Reconstruction, output: str | os.PathLike) 
                 axes[row, column].set_title(title)
     figure.tight_layout()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
+    figure.savefig(buffer, format="png", dpi=100, metadata=dict(metadata or {}))
     output = Path(output)
     atomic_write_bytes(output, buffer.getvalue())
     return output

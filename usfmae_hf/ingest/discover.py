@@ -5,14 +5,19 @@ punctuation-insensitively, aliases allowed); folders outside the catalogue are i
 generic rules and reported as unknown. Each dataset's image files (after the catalogue's rules) are
 cut into chunks of :data:`FILES_PER_SHARD` files; a chunk's fingerprint (the rules, and the names,
 sizes and modification times of its files) tells a rerun whether it must be decoded again.
+
+Paths that cannot be read (dangling or looping symbolic links, files or folders without read
+permission, FIFOs and other non-regular files) are listed as unreadable and skipped, never opened.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import os
 import re
+import stat
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,11 +38,13 @@ _REPORT_EXAMPLES = 5
 
 @dataclass(frozen=True)
 class SourceFile:
-    """One candidate image file: absolute path, POSIX path relative to ROOT, and patient/group id."""
+    """One candidate image file: path, POSIX path relative to ROOT, patient/group id, size and mtime when found."""
 
     path: Path
     relative: str
     group: str | None
+    size: int
+    mtime_ns: int
 
 
 @dataclass
@@ -51,6 +58,7 @@ class DatasetSource:
     excluded: Counter = field(default_factory=Counter)
     excluded_examples: dict[str, list[str]] = field(default_factory=dict)
     other_files: Counter = field(default_factory=Counter)
+    unreadable: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def slug(self) -> str:
@@ -68,6 +76,7 @@ class DatasetSource:
             "excluded_by_rules": dict(self.excluded),
             "excluded_examples": self.excluded_examples,
             "other_files": dict(self.other_files),
+            "unreadable": self.unreadable,
         }
 
 
@@ -82,25 +91,57 @@ class Chunk:
     fingerprint: str
 
 
-def _is_candidate(path: Path, entry: DatasetEntry) -> bool:
-    suffix = file_suffix(path)
-    if suffix in SUPPORTED_SUFFIXES:
-        return True
+def _may_be_image(suffix: str, entry: DatasetEntry) -> bool:
+    """Whether a file with ``suffix`` is a candidate (suffix-less files are, if they turn out to be DICOM)."""
     if suffix in HDF5_SUFFIXES:
         return "HDF5" in entry.formats
-    return suffix == "" and is_dicom_file(path)
+    return suffix in SUPPORTED_SUFFIXES or suffix == ""
+
+
+def _why_unreadable(error: OSError, path: Path) -> str:
+    if error.errno == errno.ELOOP:
+        return "symbolic link loop"
+    if error.errno == errno.ENOENT and path.is_symlink():
+        return "dangling symbolic link"
+    return (error.strerror or type(error).__name__).lower()
+
+
+def _stat_readable(path: Path) -> tuple[os.stat_result | None, str | None]:
+    """``(stat, None)`` for a readable regular file (symbolic links followed), else ``(None, why not)``."""
+    try:
+        info = path.stat()
+    except OSError as error:
+        return None, _why_unreadable(error, path)
+    if not stat.S_ISREG(info.st_mode):
+        return None, "not a regular file"  # a FIFO would block the reader forever
+    if not os.access(path, os.R_OK):
+        return None, "permission denied"
+    return info, None
 
 
 def _scan_folder(source: DatasetSource, root: Path) -> None:
     """Fill ``source`` with the image files its entry's rules keep, counting what they drop and why."""
-    for directory, subdirs, names in os.walk(source.folder):
+
+    def unreadable(path: Path, reason: str) -> None:
+        source.unreadable.append({"path": path.relative_to(root).as_posix(), "reason": reason})
+
+    def folder_error(error: OSError) -> None:
+        folder = Path(error.filename)
+        unreadable(folder, f"folder not readable ({_why_unreadable(error, folder)})")
+
+    for directory, subdirs, names in os.walk(source.folder, onerror=folder_error):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and d != "__MACOSX")
         for name in sorted(names):
             if name.startswith("."):
                 continue
             path = Path(directory, name)
-            if not _is_candidate(path, source.entry):
-                source.other_files[file_suffix(path) or "(none)"] += 1
+            suffix = file_suffix(path)
+            if not _may_be_image(suffix, source.entry):
+                source.other_files[suffix or "(none)"] += 1
+                continue
+            info, problem = _stat_readable(path)
+            if suffix == "" and problem is None and not is_dicom_file(path):
+                source.other_files["(none)"] += 1
                 continue
             in_dataset = path.relative_to(source.folder).as_posix()
             reason = source.entry.exclusion_reason(in_dataset)
@@ -110,7 +151,13 @@ def _scan_folder(source: DatasetSource, root: Path) -> None:
                 if len(examples) < _REPORT_EXAMPLES:
                     examples.append(in_dataset)
                 continue
-            source.files.append(SourceFile(path, path.relative_to(root).as_posix(), source.entry.group_of(in_dataset)))
+            if problem is not None:
+                unreadable(path, problem)
+                continue
+            group = source.entry.group_of(in_dataset)
+            source.files.append(
+                SourceFile(path, path.relative_to(root).as_posix(), group, info.st_size, info.st_mtime_ns)
+            )
 
 
 def discover_sources(
@@ -135,7 +182,11 @@ def discover_sources(
     wanted = {normalize_name(name): name for name in datasets or ()}
     found: set[str] = set()
     sources, skipped = [], []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    try:
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as error:
+        raise UsfmaeError(f"{root}: cannot list the folder ({error.strerror}); check its permissions") from None
+    for folder in folders:
         entry = find_entry(folder.name)
         keys = {normalize_name(folder.name)} | (
             {normalize_name(n) for n in (entry.name, *entry.aliases)} if entry else set()
@@ -165,6 +216,5 @@ def split_into_chunks(source: DatasetSource, files_per_shard: int) -> Iterator[C
         files = tuple(source.files[start : start + files_per_shard])
         digest = hashlib.sha256(rules.encode())
         for file in files:
-            stat = file.path.stat()
-            digest.update(f"{file.relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            digest.update(f"{file.relative}\0{file.size}\0{file.mtime_ns}\n".encode())
         yield Chunk(f"{source.slug}-{index:05d}", source.entry.name, source.folder.name, files, digest.hexdigest())

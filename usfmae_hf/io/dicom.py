@@ -6,6 +6,9 @@ pylibjpeg plugins; ``iter_pixels`` also turns YBR into RGB (``as_rgb``, pydicom'
 palette colour LUTs (8- or 16-bit entries, also of big-endian files), greyscale above 8 bits
 through the modality and VOI (window) LUTs and then stretched from the frame's min/max to 0-255,
 and MONOCHROME1 inversion. 8-bit greyscale and RGB are kept as stored, as a PNG export would be.
+
+Pixel data larger than :data:`_DEFER_BYTES` are only read from the file once the header's decoded size
+(rows x columns x frames x samples x bytes) has passed the size guard of :mod:`usfmae_hf.io.limits`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,19 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, i
 
 from usfmae_hf.errors import UnreadableImageError
 from usfmae_hf.io.frame import Frame
+from usfmae_hf.io.limits import check_decoded_size
 from usfmae_hf.io.pixels import stretch_to_uint8, to_rgb_uint8
+
+# Elements above this size are read when first used, so that the size guard runs before the pixel data are loaded.
+_DEFER_BYTES = 1 << 20
+
+
+def decoded_size(ds: pydicom.Dataset) -> int:
+    """Bytes of all frames of ``ds`` decoded, from the header: rows x columns x frames x samples x bytes/sample."""
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    samples, frames = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("NumberOfFrames", 1) or 1)
+    bytes_per_sample = max(1, -(-int(ds.get("BitsAllocated", 8) or 8) // 8))  # 1-bit data unpack to a byte
+    return rows * columns * frames * samples * bytes_per_sample
 
 
 def _palette_luts_to_little_endian(ds: pydicom.Dataset) -> None:
@@ -59,16 +74,21 @@ def dicom_frame_to_rgb(pixels: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     return to_rgb_uint8(grey)
 
 
-def read_dicom_frames(path: Path, *, frame_stride: int = 1) -> Iterator[Frame]:
-    """Yield every ``frame_stride``-th frame of a DICOM file as RGB uint8."""
+def read_dicom_frames(path: Path, *, frame_stride: int = 1, max_decoded_bytes: int | None = None) -> Iterator[Frame]:
+    """Yield every ``frame_stride``-th frame of a DICOM file as RGB uint8.
+
+    A file whose header claims more than ``max_decoded_bytes`` of decoded pixels (see
+    :func:`usfmae_hf.io.limits.check_decoded_size`) is refused before its pixel data are read.
+    """
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
+        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+            raise UnreadableImageError(f"{path}: DICOM file has no pixel data")
+        check_decoded_size(path, decoded_size(ds), max_decoded_bytes)
+        _palette_luts_to_little_endian(ds)
+        num_frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (InvalidDicomError, OSError, ValueError, EOFError) as error:
         raise UnreadableImageError(f"{path}: not a readable DICOM file ({error})") from None
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise UnreadableImageError(f"{path}: DICOM file has no pixel data")
-    _palette_luts_to_little_endian(ds)
-    num_frames = int(ds.get("NumberOfFrames", 1) or 1)
     metadata = {
         "format": "DICOM",
         "num_frames": num_frames,

@@ -21,17 +21,23 @@ if TYPE_CHECKING:
     from huggingface_hub import EvalResult, ModelCard
     from transformers import PretrainedConfig
 
-CardKind = Literal["pretrained", "encoder", "classifier"]
+CardKind = Literal["pretrained", "encoder", "classifier", "segmenter"]
 
 PIPELINE_TAGS: dict[str, str] = {
     "pretrained": "image-feature-extraction",
     "encoder": "image-feature-extraction",
     "classifier": "image-classification",
+    "segmenter": "image-segmentation",
 }
 TAGS = ["ultrasound", "medical-imaging", "mae", "vit"]
 # Stands in for the repository id in the usage snippet when the model is not yet on the Hub.
 REPO_ID_PLACEHOLDER = "your-username/usf-mae"
-DEFAULT_MODEL_NAMES = {"pretrained": "usf-mae", "encoder": "usf-mae-encoder", "classifier": "usf-mae-classifier"}
+DEFAULT_MODEL_NAMES = {
+    "pretrained": "usf-mae",
+    "encoder": "usf-mae-encoder",
+    "classifier": "usf-mae-classifier",
+    "segmenter": "usf-mae-segmenter",
+}
 
 PAPER_TITLE = "USF-MAE: Ultrasound Self-Supervised Foundation Model with Masked Autoencoding"
 PAPER_ARXIV = "2510.22990"
@@ -140,7 +146,8 @@ def render_model_card(
 
     Args:
         kind: ``"pretrained"`` (full ``ViTMAEForPreTraining``: encoder + decoder), ``"encoder"``
-            (encoder-only ``ViTModel`` export) or ``"classifier"`` (a fine-tuned image classifier).
+            (encoder-only ``ViTModel`` export), ``"classifier"`` (a fine-tuned image classifier) or
+            ``"segmenter"`` (a fine-tuned ``DPTForSemanticSegmentation``).
         config: the model's ``PretrainedConfig`` (or its dict); its architecture fields and, for
             classifiers, ``id2label`` are shown on the card.
         provenance: where converted weights came from. Keys: ``source_file`` (file name),

@@ -1,23 +1,33 @@
-"""Publishing model directories to the Hugging Face Hub: validate first, then upload safely.
+"""Publishing model directories to the Hugging Face Hub: check everything first, then upload exactly that.
 
-``validate_model_dir`` refuses anything a Hub reviewer would (missing files, configs or processors
-that do not load, pickled weights, invalid card metadata) before a byte leaves the machine;
-``push_model_dir`` creates the repository (and branch) if needed, uploads with ``upload_folder``
-and retries transient failures. Re-pushing an unchanged folder is a no-op that succeeds.
-``push_build_to_hub`` uploads a dataset build of :mod:`usfmae_hf.ingest` to a dataset repository.
+:func:`plan_upload` decides what a push sends and refuses, before a byte leaves the machine, what a
+Hub reviewer would: symlinks leading out of the folder, pickles (found by content, whatever their
+name), files over the Hub's size limit, missing files, weights safetensors cannot read, configs or
+processors that do not load, invalid card metadata. It leaves out, and says so, what a fine-tuning
+output folder holds only for resuming training: the Trainer's state pickles (``training_args.bin``,
+``optimizer.pt``, ...) and its ``checkpoint-*/`` folders. :func:`push_model_dir` creates the
+repository (and branch) if needed and uploads the planned files; the local folder is left as it is.
+Re-pushing an unchanged folder is a no-op that succeeds. :func:`push_build_to_hub` uploads a dataset
+build of :mod:`usfmae_hf.ingest` to a dataset repository.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import stat
+import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, TypeVar
 
 from usfmae_hf.errors import UsfmaeError
+from usfmae_hf.publishing.pickles import find_pickle
 from usfmae_hf.version import __version__
 
 if TYPE_CHECKING:
@@ -26,44 +36,183 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
-REQUIRED_FILES = ("config.json", "preprocessor_config.json", "README.md")
+README = "README.md"
+REQUIRED_FILES = ("config.json", "preprocessor_config.json", README)
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-# Weights or objects that execute code when unpickled: the Hub flags them, we refuse them.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 REQUIRED_CARD_FIELDS = ("license", "library_name", "pipeline_tag")
 TRANSIENT_STATUS_CODES = frozenset({408, 429, 500, 502, 503, 504})
+# What transformers' Trainer writes only to resume training, all pickles (transformers.trainer's
+# TRAINING_ARGS_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, SCALER_NAME and _save_rng_state's files).
+TRAINER_STATE_FILES = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth")
+CHECKPOINT_DIRS = "checkpoint-*"  # the Trainer's f"{PREFIX_CHECKPOINT_DIR}-{step}" folders
+# Per-file limits of the Hub, from huggingface/hub-docs docs/hub/storage-limits.md ("Repository
+# limitations and recommendations", 2026): no file may exceed 500 GB; chunks under 200 GB are
+# recommended. Files over 10 MB must be stored with Git LFS/Xet (docs/hub/repositories-getting-started.md):
+# huggingface_hub asks the Hub how to send each file (preupload) and does so, so they need nothing here.
+MAX_FILE_BYTES = 500 * 10**9
+RECOMMENDED_MAX_FILE_BYTES = 200 * 10**9
 
 
 class PublishError(UsfmaeError):
     """A model directory cannot be published (invalid content, or the Hub refused it)."""
 
 
-def _uploaded_files(path: Path) -> list[str]:
-    """The relative paths ``upload_folder`` would upload (it skips ``.git`` and its own cache)."""
-    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+@dataclass(frozen=True)
+class UploadPlan:
+    """What a push of ``folder`` uploads.
 
-    files = (file.relative_to(path).as_posix() for file in sorted(path.rglob("*")) if file.is_file())
-    return list(filter_repo_objects(files, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
+    ``files`` maps each path in the repository to the regular file read for it (for a symlink, its
+    target inside ``folder``); ``notes`` are the lines telling the user what is left out, and why.
+    """
+
+    folder: Path
+    files: dict[str, Path]
+    notes: tuple[str, ...]
 
 
-def _weight_problems(path: Path) -> list[str]:
+def _gigabytes(size: int) -> str:
+    return f"{size / 1e9:.3g} GB"
+
+
+def _walk(folder: Path, include_checkpoints: bool) -> tuple[dict[str, Path], list[str], list[str]]:
+    """Every entry but folders under ``folder`` (links to folders included), by relative path.
+
+    Also returns the problems met (unreadable folders) and the checkpoint folders left out. Links to
+    folders are listed, never entered; what ``upload_folder`` never uploads (``.git``, its cache) is skipped.
+    """
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS
+
+    def ignored(name: str) -> bool:
+        return any(fnmatch(name, pattern) for pattern in DEFAULT_IGNORE_PATTERNS)
+
+    entries: dict[str, Path] = {}
+    problems: list[str] = []
+    checkpoints: list[str] = []
+
+    def unreadable(error: OSError) -> None:
+        problems.append(f"cannot list {error.filename}: {error.strerror}")
+
+    for root, dirs, names in os.walk(folder, onerror=unreadable):  # followlinks=False: links are not entered
+        here = Path(root)
+        if here == folder and not include_checkpoints:
+            checkpoints = sorted(name for name in dirs if fnmatch(name, CHECKPOINT_DIRS))
+        entered = []
+        for name in sorted(dirs):
+            relative = (here / name).relative_to(folder).as_posix()
+            if ignored(relative) or relative in checkpoints:
+                continue
+            if (here / name).is_symlink():
+                entries[relative] = here / name
+            else:
+                entered.append(name)
+        dirs[:] = entered
+        for name in names:
+            relative = (here / name).relative_to(folder).as_posix()
+            if not ignored(relative):
+                entries[relative] = here / name
+    return entries, problems, checkpoints
+
+
+def _regular_file(name: str, path: Path, folder: Path) -> tuple[Path | None, str | None, str | None]:
+    """The regular file read for the entry ``name``, or a problem, or a note (a link to a folder)."""
+    if not path.is_symlink():
+        if stat.S_ISREG(path.lstat().st_mode):
+            return path, None, None
+        return None, f"{name} is not a regular file", None
+    try:
+        target = path.resolve(strict=True)
+    except FileNotFoundError:
+        return None, f"{name} is a dangling symlink (to {os.readlink(path)})", None
+    except RuntimeError:  # a loop, before Python 3.13
+        return None, f"{name} is a symlink loop", None
+    except OSError as error:  # a loop since Python 3.13 (ELOOP), or a link that cannot be followed
+        return None, f"{name} is a symlink loop" if error.errno == errno.ELOOP else f"{name}: {error.strerror}", None
+    if not target.is_relative_to(folder):
+        return None, f"{name} is a symlink to {target}, outside {folder} (copy the file in or remove the link)", None
+    if target.is_dir():
+        where = target.relative_to(folder).as_posix()
+        return None, None, f"{name} links to the folder {where}/ and is not followed (its files are uploaded once)"
+    if not target.is_file():
+        return None, f"{name} is a symlink to {target}, which is not a regular file", None
+    return target, None, None
+
+
+def _select_files(folder: Path, include_checkpoints: bool) -> UploadPlan:
+    """Pick the files a push uploads; raise :class:`PublishError` on any that must not leave the machine."""
+    entries, problems, checkpoints = _walk(folder, include_checkpoints)
+    files: dict[str, Path] = {}
+    notes: list[str] = []
+    for name, path in sorted(entries.items()):
+        source, problem, note = _regular_file(name, path, folder)
+        problems += [problem] if problem else []
+        notes += [note] if note else []
+        if source is not None:
+            files[name] = source
+
+    trainer_state = [name for name in files if any(fnmatch(PurePosixPath(name).name, p) for p in TRAINER_STATE_FILES)]
+    for name in trainer_state:
+        del files[name]
+    pickles = []
+    for name, source in files.items():
+        try:
+            found, size = find_pickle(source), source.stat().st_size
+        except OSError as error:
+            problems.append(f"cannot read {name}: {error.strerror}")
+            continue
+        if found is not None:
+            pickles.append(f"{name} is {found.description}")
+        if size > MAX_FILE_BYTES:
+            problems.append(
+                f"{name} is {_gigabytes(size)}, over the Hub's limit of {_gigabytes(MAX_FILE_BYTES)} per file "
+                "(split it, e.g. save_pretrained(max_shard_size=...))"
+            )
+        elif size > RECOMMENDED_MAX_FILE_BYTES:
+            notes.append(
+                f"{name} is {_gigabytes(size)}: the Hub recommends files under "
+                f"{_gigabytes(RECOMMENDED_MAX_FILE_BYTES)} (split it, e.g. save_pretrained(max_shard_size=...))"
+            )
+    if pickles:
+        problems.append(
+            "refusing to publish pickles, found by their content (convert them to safetensors or remove them): "
+            + ", ".join(pickles)
+        )
+    if problems:
+        raise PublishError(f"{folder} cannot be published: " + "; ".join(problems))
+    if trainer_state:
+        notes.append(
+            f"left out {', '.join(trainer_state)}: Trainer state pickles, for resuming training only "
+            "(training_args.bin can hold tokens); the settings' JSON form, training_args.json "
+            "(TrainingArguments.to_json_string(), tokens redacted), is published when the folder has it"
+        )
+    if checkpoints:
+        notes.append(
+            f"left out {', '.join(f'{name}/' for name in checkpoints)}: Trainer checkpoints "
+            "(--include-checkpoints uploads them, without their state pickles)"
+        )
+    return UploadPlan(folder, files, tuple(notes))
+
+
+def _weight_problems(files: dict[str, Path]) -> list[str]:
     from safetensors import safe_open
 
-    index_path = path / SAFETENSORS_INDEX
-    if (path / SAFETENSORS_FILE).is_file():
+    if SAFETENSORS_FILE in files:
         shards = [SAFETENSORS_FILE]
-    elif index_path.is_file():
+    elif SAFETENSORS_INDEX in files:
         try:
-            shards = sorted(set(json.loads(index_path.read_text(encoding="utf-8"))["weight_map"].values()))
+            index = json.loads(files[SAFETENSORS_INDEX].read_text(encoding="utf-8"))
+            shards = sorted(set(index["weight_map"].values()))
         except (ValueError, KeyError, AttributeError) as error:
             return [f"{SAFETENSORS_INDEX} is not a valid index ({error})"]
     else:
         return [f"no weights: neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}"]
     problems = []
     for shard in shards:
+        if shard not in files:
+            problems.append(f"{shard}, listed in {SAFETENSORS_INDEX}, is missing")
+            continue
         try:
-            with safe_open(path / shard, framework="pt") as weights:
+            with safe_open(files[shard], framework="pt") as weights:
                 weights.keys()
         except Exception as error:  # safetensors raises its own, untyped errors on corrupt files
             problems.append(f"{shard} is not a readable safetensors file ({error})")
@@ -81,18 +230,18 @@ def _card_problems(readme: Path) -> list[str]:
     return [f"README.md metadata lacks {', '.join(missing)}"] if missing else []
 
 
-def _loading_problems(path: Path) -> list[str]:
+def _loading_problems(path: Path, files: dict[str, Path]) -> list[str]:
     from transformers import AutoConfig, AutoImageProcessor
 
     try:
         # A model with its own code (config "auto_map") loads only with trust_remote_code; it is the
         # code being published, and the Hub will ask every user to trust it the same way.
-        remote_code = "auto_map" in json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
+        remote_code = "auto_map" in json.loads(files["config.json"].read_text(encoding="utf-8"))
+    except (KeyError, OSError, ValueError, TypeError):
         remote_code = False  # the loader below reports what is wrong with config.json
     problems = []
     for name, loader in (("config.json", AutoConfig), ("preprocessor_config.json", AutoImageProcessor)):
-        if not (path / name).is_file():
+        if name not in files:
             continue  # already reported as missing
         try:
             loader.from_pretrained(path, trust_remote_code=remote_code)
@@ -101,31 +250,42 @@ def _loading_problems(path: Path) -> list[str]:
     return problems
 
 
-def validate_model_dir(path: str | Path) -> Path:
-    """Check that ``path`` is a model directory fit for the Hub; return it resolved.
+def plan_upload(path: str | Path, *, include_checkpoints: bool = False) -> UploadPlan:
+    """Check that ``path`` is a model directory fit for the Hub; return what a push of it uploads.
 
-    Refused, with every problem listed in one :class:`PublishError`: a missing ``config.json``,
-    ``preprocessor_config.json``, ``README.md`` or safetensors weights (single file or a complete
-    sharded index); pickle files anywhere (``*.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``, ``*.pkl``,
-    ``*.pickle``); weights safetensors cannot read; a config or image processor that
-    ``AutoConfig``/``AutoImageProcessor`` cannot load; card metadata that does not parse or lacks
-    ``license``, ``library_name`` or ``pipeline_tag``. A directory with its own model code (config
-    ``auto_map``) is loaded with ``trust_remote_code=True``, i.e. that code runs.
+    Uploaded: the regular files under ``path`` (not ``.git``). A symlink whose target lies inside
+    ``path`` is uploaded under its own name with its target's content; a link to a folder is not
+    followed (that folder's files are uploaded once, under their own path). Left out, with a note:
+    the Trainer's state pickles (:data:`TRAINER_STATE_FILES`, e.g. ``training_args.bin``) wherever they
+    are, and the top-level ``checkpoint-*/`` folders unless ``include_checkpoints``.
+
+    Refused, with every problem listed in one :class:`PublishError` and nothing loaded or uploaded
+    first: symlinks leading out of ``path``, dangling or looping; anything not a regular file; pickles,
+    found by content (:func:`usfmae_hf.publishing.pickles.find_pickle`) whatever their name; files
+    over :data:`MAX_FILE_BYTES` (files over :data:`RECOMMENDED_MAX_FILE_BYTES` get a note). Then, also
+    in one error: a missing ``config.json``, ``preprocessor_config.json``, ``README.md`` or safetensors
+    weights (single file or a complete sharded index); weights safetensors cannot read; a config or
+    image processor that ``AutoConfig``/``AutoImageProcessor`` cannot load; card metadata that does not
+    parse or lacks ``license``, ``library_name`` or ``pipeline_tag``. A directory with its own model
+    code (config ``auto_map``) is loaded with ``trust_remote_code=True``, i.e. that code runs.
     """
-    path = Path(path).resolve()
-    if not path.is_dir():
-        raise PublishError(f"{path} is not a directory")
-    pickles = [name for name in _uploaded_files(path) if name.lower().endswith(PICKLE_SUFFIXES)]
-    if pickles:
-        raise PublishError(f"refusing to publish pickle files (convert them to safetensors): {', '.join(pickles)}")
-    problems = [f"missing {name}" for name in REQUIRED_FILES if not (path / name).is_file()]
-    problems += _weight_problems(path)
-    if (path / "README.md").is_file():
-        problems += _card_problems(path / "README.md")
-    problems += _loading_problems(path)
+    folder = Path(path).resolve()
+    if not folder.is_dir():
+        raise PublishError(f"{folder} is not a directory")
+    plan = _select_files(folder, include_checkpoints)
+    problems = [f"missing {name}" for name in REQUIRED_FILES if name not in plan.files]
+    problems += _weight_problems(plan.files)
+    if README in plan.files:
+        problems += _card_problems(plan.files[README])
+    problems += _loading_problems(folder, plan.files)
     if problems:
-        raise PublishError(f"{path} cannot be published: " + "; ".join(problems))
-    return path
+        raise PublishError(f"{folder} cannot be published: " + "; ".join(problems))
+    return plan
+
+
+def validate_model_dir(path: str | Path) -> Path:
+    """Check that ``path`` is a model directory fit for the Hub (see :func:`plan_upload`); return it resolved."""
+    return plan_upload(path).folder
 
 
 def _is_transient(error: Exception) -> bool:
@@ -139,6 +299,7 @@ def _is_transient(error: Exception) -> bool:
 
 
 def _with_retries(call: Callable[[], T], *, what: str, max_retries: int, retry_wait: float) -> T:
+    """Retry ``call`` on transient failures: for the Hub requests huggingface_hub sends only once."""
     attempt = 0
     while True:
         try:
@@ -154,15 +315,26 @@ def _with_retries(call: Callable[[], T], *, what: str, max_retries: int, retry_w
             time.sleep(wait)
 
 
-def _fill_in_repo_id(readme: Path, repo_id: str) -> None:
-    """Replace the card's placeholder repository id (a card rendered before the id was known) in place."""
-    from usfmae_hf.atomic import atomic_write_text
+def _card_for_repo(text: str, repo_id: str) -> str:
+    """The card with its placeholder repository id (a card rendered before the id was known) replaced."""
     from usfmae_hf.publishing.cards import REPO_ID_PLACEHOLDER
 
-    text = readme.read_text(encoding="utf-8")
-    if f'"{REPO_ID_PLACEHOLDER}"' in text:
-        atomic_write_text(readme, text.replace(f'"{REPO_ID_PLACEHOLDER}"', f'"{repo_id}"'))
-        logger.info("README.md: usage snippet now loads %s", repo_id)
+    return text.replace(f'"{REPO_ID_PLACEHOLDER}"', f'"{repo_id}"')
+
+
+def _stage(plan: UploadPlan, card: str, staging: Path) -> None:
+    """Lay out in ``staging`` what ``upload_folder`` sends: links to the planned files, the card as uploaded.
+
+    The upload reads exactly the checked files (a link's target, not the link) and the local folder
+    is never written to.
+    """
+    for name, source in plan.files.items():
+        destination = staging / name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if name == README:
+            destination.write_bytes(card.encode("utf-8"))
+        else:
+            destination.symlink_to(source)
 
 
 def _redact(message: str, token: str | None) -> str:
@@ -179,21 +351,29 @@ def push_model_dir(
     commit_message: str | None = None,
     token: str | None = None,
     endpoint: str | None = None,
+    include_checkpoints: bool = False,
+    update_local_card: bool = False,
     max_retries: int = 3,
     retry_wait: float = 2.0,
 ) -> CommitInfo:
-    """Validate ``path`` and upload it to the Hub model repository ``repo_id``.
+    """Check ``path`` with :func:`plan_upload` and upload its planned files to the Hub model repository ``repo_id``.
 
-    The repository is created if needed (``private`` applies only then; otherwise the namespace's
-    default visibility), as is the branch
-    ``revision`` (from ``main``) when it does not exist yet. ``create_pr`` opens a pull request
-    against ``main`` instead of committing to it (it cannot be combined with ``revision``).
-    A usage snippet still loading the placeholder repository id of :mod:`usfmae_hf.publishing.cards` (a card
-    rendered before the id was known) is updated in ``README.md`` to load ``repo_id``, so the
-    published card runs as shown. Unchanged files are not re-uploaded, so pushing the same folder
-    twice succeeds without a new commit. Transient failures (HTTP 408/429/5xx, connection errors) are retried up to
-    ``max_retries`` times, waiting ``retry_wait * 2**attempt`` seconds; ``huggingface_hub`` also
-    retries individual upload requests itself.
+    The plan's notes (what is left out, and why) are logged as warnings. The repository is created if
+    needed (``private`` applies only then; otherwise the namespace's default visibility), as is the
+    branch ``revision`` (from ``main``) when it does not exist yet. ``create_pr`` opens a pull request
+    against ``main`` instead of committing to it (it cannot be combined with ``revision``). Unchanged
+    files are not re-uploaded, so pushing the same folder twice succeeds without a new commit.
+
+    Nothing under ``path`` is modified. A usage snippet still loading the placeholder repository id
+    of :mod:`usfmae_hf.publishing.cards` (a card rendered before the id was known) loads ``repo_id``
+    in the uploaded ``README.md``; ``update_local_card`` writes that card to the local file too, once
+    the push succeeded.
+
+    Retries: card validation, repository and branch creation are retried on transient failures
+    (HTTP 408/429/5xx, connection errors) up to ``max_retries`` times, waiting ``retry_wait * 2**attempt``
+    seconds (``huggingface_hub`` sends those once). The upload itself is ``upload_folder``'s, from a
+    temporary folder of links to the planned files: ``huggingface_hub`` retries its requests (preupload,
+    Xet transfers, commits: 5 times, 1 to 8 s apart), and a failed push completes when run again.
 
     ``token`` defaults to ``HF_TOKEN`` or the saved login, ``endpoint`` to ``HF_ENDPOINT``. The
     token is never printed: error messages that could contain it are redacted.
@@ -204,55 +384,68 @@ def push_model_dir(
     """
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_backoff
 
     if create_pr and revision not in (None, "main"):
         raise PublishError("--create-pr opens a pull request against main; it cannot be combined with --revision")
-    folder = validate_model_dir(path)
-    _fill_in_repo_id(folder / "README.md", repo_id)
+    plan = plan_upload(path, include_checkpoints=include_checkpoints)
+    for note in plan.notes:
+        logger.warning(note)
+    readme = plan.files[README]
+    local_card = readme.read_bytes().decode("utf-8")  # bytes as they are (no newline translation)
+    card = _card_for_repo(local_card, repo_id)
+    if card != local_card and not update_local_card:
+        logger.info("README.md: the uploaded card loads %s; the local one is unchanged (--update-local-card)", repo_id)
     api = HfApi(endpoint=endpoint, token=token)
 
     def validate_card() -> None:
-        response = get_session().post(
+        response = http_backoff(
+            "POST",
             f"{api.endpoint}/api/validate-yaml",
-            json={"repoType": "model", "content": (folder / "README.md").read_text(encoding="utf-8")},
+            json={"repoType": "model", "content": card},
             headers=build_hf_headers(token=token),
+            max_retries=max_retries,
+            base_wait_time=retry_wait,
         )
         if response.status_code == 400:
             raise PublishError(f"the Hub rejects README.md metadata: {response.text}")
         hf_raise_for_status(response)
 
-    def upload() -> CommitInfo:
-        return api.upload_folder(
-            repo_id=repo_id,
-            repo_type="model",
-            folder_path=folder,
-            revision=None if create_pr else revision,
-            create_pr=create_pr,
-            commit_message=commit_message or f"Upload {folder.name} with usfmae-hf {__version__}",
-        )
+    def create_repo() -> None:
+        api.create_repo(repo_id, repo_type="model", private=private or None, exist_ok=True)
 
-    steps: list[tuple[str, Callable[[], object]]] = [
-        ("card validation", validate_card),
-        (
-            "repository creation",
-            lambda: api.create_repo(repo_id, repo_type="model", private=private or None, exist_ok=True),
-        ),
-    ]
-    if revision not in (None, "main") and not create_pr:
-        steps.append(("branch creation", lambda: api.create_branch(repo_id, branch=revision, exist_ok=True)))
+    def create_branch() -> None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+
     try:
-        for what, step in steps:
-            _with_retries(step, what=what, max_retries=max_retries, retry_wait=retry_wait)
-        return _with_retries(upload, what="upload", max_retries=max_retries, retry_wait=retry_wait)
+        validate_card()
+        _with_retries(create_repo, what="repository creation", max_retries=max_retries, retry_wait=retry_wait)
+        if revision not in (None, "main") and not create_pr:
+            _with_retries(create_branch, what="branch creation", max_retries=max_retries, retry_wait=retry_wait)
+        with tempfile.TemporaryDirectory(prefix="usfmae-push-") as staging:
+            _stage(plan, card, Path(staging))
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                repo_type="model",
+                folder_path=staging,
+                revision=None if create_pr else revision,
+                create_pr=create_pr,
+                commit_message=commit_message or f"Upload {plan.folder.name} with usfmae-hf {__version__}",
+            )
     except OfflineModeIsEnabled as error:
         raise PublishError("HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to push") from error
     except HfHubHTTPError as error:
-        raise PublishError(_redact(f"the Hub refused the push of {folder} to {repo_id}: {error}", token)) from None
+        raise PublishError(_redact(f"the Hub refused the push of {plan.folder} to {repo_id}: {error}", token)) from None
     except Exception as error:
         if not _is_transient(error):
             raise
         raise PublishError(_redact(f"cannot reach {api.endpoint}: {type(error).__name__}: {error}", token)) from None
+    if update_local_card and card != local_card:
+        from usfmae_hf.atomic import atomic_write_bytes
+
+        atomic_write_bytes(readme, card.encode("utf-8"))
+        logger.info("README.md: usage snippet now loads %s", repo_id)
+    return commit
 
 
 def push_build_to_hub(
