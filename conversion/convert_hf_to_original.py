@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Write a converted Hugging Face USF-MAE directory back as an original MAE state dict (qkv merged).
 
-Example:
+Examples (the second writes the encoder alone, which timm's ``vit_base_patch16_224`` loads strictly):
     python conversion/convert_hf_to_original.py usf-mae-vit-base --output usf-mae-original.pth
+    python conversion/convert_hf_to_original.py usf-mae-vit-base --output usf-mae-encoder.pth --encoder-only
 
 Same as ``usfmae export-original``; see ``--help`` for every option.
 """

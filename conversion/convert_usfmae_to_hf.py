@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Convert an original USF-MAE / MAE checkpoint into a Hugging Face model directory.
 
-Example:
-    python conversion/convert_usfmae_to_hf.py USF-MAE_100ep.pth --output usf-mae-vit-base
+Example (``--source`` declares the file to be the official 100-epoch release, for the model card):
+    python conversion/convert_usfmae_to_hf.py USF-MAE_100ep.pth --output usf-mae-vit-base --source usf-mae-100ep
 
 Same as ``usfmae convert``; see ``--help`` for every option.
 """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
+from usfmae_hf.cli import main
 from usfmae_hf.errors import UsfmaeError
 from usfmae_hf.ingest.catalogue import load_catalogue
 from usfmae_hf.publishing.cards import PIPELINE_TAGS, REPO_ID_PLACEHOLDER, TAGS, render_model_card
@@ -33,11 +36,11 @@ def usage_snippet(card: ModelCard) -> str:
     return match.group(1)
 
 
-@pytest.mark.parametrize("kind", ["pretrained", "encoder", "classifier"])
+@pytest.mark.parametrize("kind", ["pretrained", "encoder", "classifier", "segmenter"])
 def test_metadata_is_complete_and_valid(kind, tiny_mae_config):
     card = reparse(render_model_card(kind, config=tiny_mae_config, provenance=PROVENANCE, repo_id=REPO_ID))
     data = card.data
-    assert data.license == "mit"
+    assert data.license == "unknown"  # nothing says what the license of an undeclared file is
     assert data.library_name == "transformers"
     assert data.pipeline_tag == PIPELINE_TAGS[kind]
     assert set(TAGS) <= set(data.tags)
@@ -90,7 +93,7 @@ def test_card_sections_training_data_provenance_and_citation(tiny_mae_config):
     card = render_model_card(
         "pretrained",
         config=tiny_mae_config,
-        provenance=PROVENANCE,
+        provenance={**PROVENANCE, "declared_source": "usf-mae-100ep"},
         extra={"description": "Converted from the 100-epoch checkpoint.", "training": {"epochs": 3}},
     )
     text = card.content
@@ -168,7 +171,7 @@ def vit_tokens(model_dir: Path, pixel_values: torch.Tensor) -> torch.Tensor:
 def test_converter_card_snippet_runs_on_its_model(tiny_model_dir, ultrasound_png, monkeypatch, capsys):
     """The README the converter wrote (repo id still the placeholder) works on its own directory."""
     card = ModelCard.load(tiny_model_dir / "README.md")
-    assert card.data.pipeline_tag == "image-feature-extraction" and card.data.license == "mit"
+    assert card.data.pipeline_tag == "image-feature-extraction" and card.data.license == "unknown"
     ns, out = run_snippet(card, tiny_model_dir, ultrasound_png, monkeypatch, capsys, repo_id=REPO_ID_PLACEHOLDER)
     assert "features: (1, 32) (1, 32)" in out and "masked-patch MSE:" in out
     pixel_values = ns["inputs"]["pixel_values"]
@@ -217,3 +220,135 @@ def test_classifier_snippet_runs_on_fine_tuned_model(classifier_dir, ultrasound_
         expected = model(ns["inputs"]["pixel_values"]).logits.softmax(-1)[0]
     torch.testing.assert_close(ns["probabilities"], expected)
     assert sorted(re.findall(r"^(\w+): [01]\.\d{3}$", out, re.MULTILINE)) == ["benign", "malignant"]
+
+
+# --- Truthful cards: what the paper says about the official checkpoints is this model's only when declared.
+
+KINDS = ("pretrained", "encoder", "classifier", "segmenter")
+# Statements about the official release's pretraining that no undeclared file may carry.
+OFFICIAL_CLAIMS = ("370,000", "360,000", "complete pretrained model", "According to the USF-MAE paper", "OpenUS-46 is")
+PAPER_F1_ROW = "| BUS-BRA | Breast lesion (benign / malignant) | 81.6 |"
+SEGMENTER_CONFIG = {"model_type": "dpt", "image_size": 32, "id2label": {0: "background", 1: "lesion"}}
+
+
+@pytest.fixture(scope="module")
+def converted_dirs(tiny_original_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    """The tiny checkpoint converted twice: as an undeclared file, and declared the official 100-epoch release."""
+    from usfmae_hf.model.conversion import convert_checkpoint
+
+    root = tmp_path_factory.mktemp("declared")
+    dirs = {"undeclared": root / "hf", "declared": root / "official"}
+    for name, folder in dirs.items():
+        convert_checkpoint(
+            tiny_original_checkpoint,
+            folder,
+            num_attention_heads=2,
+            decoder_num_attention_heads=2,
+            declared_source="usf-mae-100ep" if name == "declared" else None,
+        )
+    return dirs
+
+
+def _card_for(kind: str, model_dir: Path) -> ModelCard:
+    """The card of each kind for weights from ``model_dir``: its own (converted) or a model fine-tuned from it."""
+    config = json.loads((model_dir / "config.json").read_text())
+    if kind in ("pretrained", "encoder"):
+        return reparse(render_model_card(kind, config=config, provenance=config["usfmae_provenance"]))
+    return reparse(
+        render_model_card(
+            kind,
+            config=SEGMENTER_CONFIG if kind == "segmenter" else {**config, "id2label": {0: "a", 1: "b"}},
+            initialised_from=model_dir,
+            results=RESULTS,
+            extra={"training": {"optimizer steps run": 12}},
+        )
+    )
+
+
+def _paper_f1_framing(text: str) -> str:
+    """The words between the Evaluation heading and the paper's F1 table."""
+    return text.split("## Evaluation")[1].split("| Dataset | Task | F1 (%) |")[0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cards_of_undeclared_weights_claim_nothing_about_the_official_release(kind, converted_dirs):
+    model_dir = converted_dirs["undeclared"]
+    card = _card_for(kind, model_dir)
+    text = " ".join(card.content.split())  # phrases may wrap in the Markdown
+    for claim in OFFICIAL_CLAIMS:
+        assert claim not in text, claim
+    assert card.data.license == "unknown" and "not recorded" in text.split("**License:**")[1]
+    provenance = json.loads((model_dir / "config.json").read_text())["usfmae_provenance"]
+    assert provenance["source_sha256"] in text and "tiny_mae.pth" in text  # names what is known
+    assert "not declared to be an official USF-MAE release" in text
+    if kind in ("classifier", "segmenter"):
+        with open(model_dir / "model.safetensors", "rb") as handle:
+            assert hashlib.sha256(handle.read()).hexdigest() in text  # the initial weights, by content
+        assert f"`{model_dir}`" in text
+    if kind == "segmenter":
+        assert PAPER_F1_ROW not in text  # classification F1 say nothing about a segmenter
+    else:
+        assert PAPER_F1_ROW in text
+        framing = _paper_f1_framing(text)
+        assert "They are the paper's, not this model's" in framing and "provenance is not verified" in framing
+    measured = {r.metric_value for r in card.data.eval_results or []}
+    assert not measured & {81.6, 79.6, 82.4}  # the paper's numbers never enter model-index
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_declaring_the_official_release_brings_the_papers_statements_back(kind, converted_dirs):
+    card = _card_for(kind, converted_dirs["declared"])
+    text = " ".join(card.content.split())
+    assert card.data.license == "mit" and "USF-MAE reference repository" in text.split("**License:**")[1]
+    assert "~370,000 ultrasound images" in text and "According to the USF-MAE paper, the 100-epoch" in text
+    assert "ran for 100 epochs" in text
+    assert ("complete pretrained model" in text) == (kind == "pretrained")
+    if kind in ("pretrained", "encoder"):
+        assert "These weights are the official USF-MAE 100-epoch checkpoint" in text
+        assert "after fine-tuning the official checkpoint" in _paper_f1_framing(text)
+    else:
+        assert "declared to be the official USF-MAE 100-epoch checkpoint" in text
+    if kind == "classifier":  # a fine-tuned model is not the paper's fine-tuned model
+        assert "They are the paper's, not this model's" in _paper_f1_framing(text)
+
+
+def test_a_training_run_names_its_initial_weights(converted_dirs):
+    """A local folder is named with its weights' SHA-256 and conversion provenance, never by its name alone."""
+    hub = reparse(render_model_card("classifier", initialised_from="someone/usf-mae-encoder"))
+    assert hub.data.base_model == "someone/usf-mae-encoder"
+    assert "Training started from [`someone/usf-mae-encoder`](https://huggingface.co/someone/usf-mae-encoder)" in (
+        hub.content
+    )
+    local = reparse(render_model_card("pretrained", initialised_from=converted_dirs["declared"]))
+    assert local.data.base_model is None  # a local path is not a Hub id
+    text = " ".join(local.content.split())
+    assert f"the local model directory `{converted_dirs['declared']}` (weights SHA-256 `" in text
+    assert "which usfmae-hf converted from `tiny_mae.pth` (SHA-256 `" in text
+    unknown = reparse(render_model_card("encoder"))
+    assert "Where these weights came from is not recorded" in unknown.content and unknown.data.license == "unknown"
+
+
+def test_convert_command_records_source_license_and_verification(tiny_original_checkpoint, tmp_path, capsys):
+    heads = ["--num-attention-heads", "2", "--decoder-num-attention-heads", "2"]
+    out = tmp_path / "official"
+    assert main(["convert", str(tiny_original_checkpoint), "-o", str(out), "--source", "usf-mae-500ep", *heads]) == 0
+    card = ModelCard.load(out / "README.md")
+    provenance = json.loads((out / "config.json").read_text())["usfmae_provenance"]
+    assert provenance["declared_source"] == "usf-mae-500ep" and provenance["license"] == "mit"
+    assert provenance["verification"] == "passed" and 0 <= provenance["verification_max_abs_diff"] <= 1e-5
+    assert "500-epoch checkpoint" in card.content and "ran for 500 epochs" in " ".join(card.content.split())
+
+    out = tmp_path / "licensed"
+    argv = ["convert", str(tiny_original_checkpoint), "-o", str(out), "--license", "apache-2.0", "--no-verify"]
+    assert main([*argv, *heads]) == 0
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "apache-2.0" and "370,000" not in card.content
+    assert "`usfmae convert --license`" in card.content
+    assert "was skipped (`--no-verify`)" in card.content and "largest absolute difference" not in card.content
+
+    capsys.readouterr()
+    for bad in (["--license", "MIT License"], ["--source", "usf-mae-200ep"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["convert", str(tiny_original_checkpoint), "-o", str(tmp_path / "bad"), *bad])
+        assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

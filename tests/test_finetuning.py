@@ -252,7 +252,7 @@ def test_class_weights_and_layer_decay_optimizer(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize(
     ("flags", "augment"),
-    [([], "usfmae"), (["--recipe", "mae"], "mae"), (["--recipe", "mae", "--augment", "usfmae"], "usfmae")],
+    [([], "usfmae"), (["--recipe", "mae"], "mae_finetune"), (["--recipe", "mae", "--augment", "usfmae"], "usfmae")],
 )
 def test_recipe_sets_augment_unless_given(flags, augment, tmp_path):
     from transformers import HfArgumentParser, TrainingArguments
@@ -260,7 +260,7 @@ def test_recipe_sets_augment_unless_given(flags, augment, tmp_path):
     from usfmae_hf.finetuning.recipe import MAE_PRESET
     from usfmae_hf.finetuning.run import DataArguments, ModelArguments, resolve_recipe
 
-    assert MAE_PRESET["augment"] == "mae"
+    assert MAE_PRESET["augment"] == "mae_finetune"
     model_args, _, training_args = HfArgumentParser(
         (ModelArguments, DataArguments, TrainingArguments)
     ).parse_args_into_dataclasses(
@@ -447,3 +447,180 @@ def test_two_process_cpu_trainer(tiny_model_dir, speckle_data, tmp_path):
     # distributed evaluation gathers every image exactly once
     assert results["test_num_samples"] == 12 and sum(results["test_support"]) == 12
     assert len((output / "test_predictions.csv").read_text().splitlines()) == 13
+
+
+def _main(argv: list[str]) -> int:
+    from usfmae_hf.finetuning.run import main
+
+    return main(argv)
+
+
+def test_start_and_end_summaries_name_the_plan_and_every_output(tiny_model_dir, speckle_data, tmp_path, capsys):
+    output = tmp_path / "run"
+    flags = ["--recipe", "mae", "--warmup_epochs", "1", "--max_steps", "6", "--save_strategy", "steps"]
+    assert _main(_finetune_args(tiny_model_dir, speckle_data, output, *flags, "--save_steps", "3")) == 0
+    printed = capsys.readouterr().out
+    start = printed[printed.index("finetune_classification: training") :]
+    assert "1 process (not distributed) on cpu, fp32" in start
+    assert "effective batch 8 = 8 per device x 1 accumulation x 1 process" in start
+    assert f"learning rate: peak {5e-4 * 8 / 256:.3g} = blr 0.0005 x 8 / 256; layer decay 0.65" in start
+    # 24 images in batches of 8: 3 steps an epoch, so 1 warmup epoch is 3 steps
+    assert "linear warmup over 1 epochs (3 steps), half-cycle cosine to 1e-06 at step 6" in start
+    assert (
+        "length: 6 optimizer steps = 2 epochs of 3 steps" in start and "data: train 24, validation 12, test 12" in start
+    )
+    assert f"output: {output.resolve()}" in start
+    end = printed[printed.index("finetune_classification: done: 6 optimizer steps") :]
+    results = json.loads((output / "all_results.json").read_text())
+    assert f"test: Macro F1 {results['test_f1_macro']:.4g}, Accuracy {results['test_accuracy']:.4g}" in end
+    assert "validation: Macro F1" in end and f"outputs in {output.resolve()}:" in end
+    listed = {name.strip().rstrip("/") for line in end.splitlines()[4:] for name in line.split(":", 1)[1].split(",")}
+    assert listed == {path.name for path in output.iterdir()}  # every output named
+    assert "    checkpoints: checkpoint-3/, checkpoint-6/" in end and "    model card: README.md" in end
+
+
+def test_launch_warning_when_a_multi_process_launch_gives_one_process():
+    from usfmae_hf.finetuning.summary import launch_warning
+
+    # ``accelerate launch --cpu --num_processes 2`` sets MASTER_ADDR / MASTER_PORT and starts one process
+    assert "--multi_gpu" in launch_warning(1, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
+    assert "WORLD_SIZE=2" in launch_warning(1, {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"})
+    assert launch_warning(2, {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}) is None
+    assert launch_warning(1, {}) is None
+
+
+def test_previous_run_is_refused_then_replaced_with_overwrite_output_dir(
+    tiny_model_dir, speckle_data, tmp_path, capsys
+):
+    output = tmp_path / "run"
+    fast = ["--head", "cls", "--max_steps", "1"]
+    assert _main(_finetune_args(tiny_model_dir, speckle_data, output, *fast)) == 0
+    (output / "notes.txt").write_text("mine")
+    # a later run without a test split: the old run's test files must not be left beside its outputs
+    again = _finetune_args(tiny_model_dir, speckle_data, output, *fast)
+    index = again.index("--test_dir")
+    del again[index : index + 2]
+    capsys.readouterr()
+    assert _main(again) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "holds a previous run" in error and "--overwrite_output_dir" in error
+    assert _main([*again, "--overwrite_output_dir"]) == 0
+    names = {path.name for path in output.iterdir()}
+    assert not any(name.startswith("test_") for name in names) and "notes.txt" in names
+    assert "validation_predictions.csv" in names and "test_accuracy" not in json.loads(
+        (output / "all_results.json").read_text()
+    )
+
+
+def test_resume_restores_the_checkpoint_model(tiny_model_dir, speckle_data, tmp_path):
+    """The Trainer loads checkpoint tensors by name, but save_pretrained writes legacy ViT names: resume must
+    still restore the fine-tuned encoder, not keep the --model_name_or_path one."""
+    from safetensors.torch import load_file
+
+    output = tmp_path / "run"
+    flags = ["--head", "cls", "--learning_rate", "1e-2", "--save_strategy", "steps", "--save_steps", "2"]
+    assert _main(_finetune_args(tiny_model_dir, speckle_data, output, *flags, "--max_steps", "2")) == 0
+    saved = load_file(output / "checkpoint-2" / "model.safetensors")
+    assert any(".attention.attention.query." in key for key in saved)  # legacy names on disk
+    resumed = [*_finetune_args(tiny_model_dir, speckle_data, output, *flags, "--max_steps", "2")]
+    assert _main([*resumed, "--resume_from_checkpoint", "latest"]) == 0  # no step left: the model as resumed
+    final = load_file(output / "model.safetensors")
+    assert saved.keys() == final.keys() and all(torch.equal(saved[key], final[key]) for key in saved)
+    start = load_file(tiny_model_dir / "model.safetensors")
+    query = "vit.encoder.layer.0.attention.attention.query.weight"
+    assert not torch.equal(final[query], start[query])  # training moved the encoder: the check can fail
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory) -> Path:
+    from conftest import TINY_MAE_KWARGS
+
+    from usfmae_hf.model.conversion import convert_checkpoint
+    from usfmae_hf.model.reference_mae import ReferenceMAE
+
+    root = tmp_path_factory.mktemp("wide")
+    torch.manual_seed(0)
+    torch.save(ReferenceMAE.from_hf_config_kwargs({**TINY_MAE_KWARGS, "hidden_size": 48}).state_dict(), root / "w.pth")
+    convert_checkpoint(root / "w.pth", root / "hf", num_attention_heads=2, decoder_num_attention_heads=2)
+    return root / "hf"
+
+
+def _checkpoint_of(model, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 2, "log_history": []}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        ("wider", r"is another model: hidden_size 48 \(checkpoint\) vs 32 \(this run\)"),
+        ("labels", r"labels \['x', 'y'\] \(checkpoint\) vs \['a', 'b'\]"),
+        ("head", r"ViTForImageClassification \(checkpoint\) vs UsfmaeForImageClassification"),
+        ("state_only", "has trainer_state.json but no model weights"),
+        ("pretraining", "is a pretraining checkpoint .* --model_name_or_path .*model and without"),
+        ("model_dir", "has no trainer_state.json: a model folder"),
+        ("empty", "is empty: not a Trainer checkpoint"),
+        ("missing", "is not a folder"),
+        ("latest", "holds no checkpoint-N folder"),
+    ],
+)
+def test_resume_checkpoint_checks_name_the_difference(make, message, tiny_model_dir, wide_model_dir, tmp_path):
+    from usfmae_hf.errors import CheckpointError
+    from usfmae_hf.finetuning.checks import resolve_resume_checkpoint
+    from usfmae_hf.pretraining.checkpointing import TrainState
+
+    model = build_classifier(tiny_model_dir, ["a", "b"], head="mean")
+    folder = tmp_path / "checkpoint-2"
+    if make == "wider":
+        _checkpoint_of(build_classifier(wide_model_dir, ["a", "b"], head="mean"), folder)
+    elif make == "labels":
+        _checkpoint_of(build_classifier(tiny_model_dir, ["x", "y"], head="mean"), folder)
+    elif make == "head":
+        _checkpoint_of(build_classifier(tiny_model_dir, ["a", "b"], head="cls"), folder)
+    elif make == "state_only":
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text('{"global_step": 2}')
+    elif make == "pretraining":
+        folder.mkdir()
+        TrainState(step=2).save(folder)  # what `usfmae pretrain` writes, beside model/
+        (folder / "model").mkdir()
+    elif make == "model_dir":
+        model.save_pretrained(folder)
+    elif make == "empty":
+        folder.mkdir()
+    target = "latest" if make == "latest" else str(folder)
+    with pytest.raises(CheckpointError, match=message):
+        resolve_resume_checkpoint(target, model, str(tmp_path))
+    _checkpoint_of(model, tmp_path / "checkpoint-7")  # the same model: accepted, and found by "latest"
+    assert resolve_resume_checkpoint("latest", model, str(tmp_path)) == str(tmp_path / "checkpoint-7")
+
+
+def test_resume_of_another_width_fails_in_one_line_before_training(
+    tiny_model_dir, wide_model_dir, speckle_data, tmp_path, capsys
+):
+    folder = _checkpoint_of(build_classifier(wide_model_dir, ["benign", "malignant"], head="cls"), tmp_path / "ck")
+    argv = _finetune_args(tiny_model_dir, speckle_data, tmp_path / "run", "--head", "cls", "--max_steps", "2")
+    assert _main([*argv, "--resume_from_checkpoint", str(folder)]) == 2
+    error = capsys.readouterr().err  # after the model-loading progress bars: one line, no traceback
+    assert "Traceback" not in error and "size mismatch" not in error
+    last = error.strip().splitlines()[-1]
+    assert last.startswith("finetune_classification: error: --resume_from_checkpoint") and "hidden_size 48" in last
+
+
+def test_max_steps_zero_and_empty_class_folders_fail_in_one_line(tiny_model_dir, speckle_data, tmp_path, capsys):
+    argv = _finetune_args(tiny_model_dir, speckle_data, tmp_path / "run", "--max_steps", "0")
+    assert _main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "finetune_classification: error: --max_steps 0 trains nothing: give a positive number of steps, or -1 (the "
+        "default) to train for --num_train_epochs"
+    )
+    train = tmp_path / "train"
+    for name in ("benign", "malignant", "cyst"):
+        (train / name).mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(train / "benign" / "a.png")
+    (train / "malignant" / "b.dcm").write_bytes(b"DICM")
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--train_dir", str(train), "--output_dir", str(tmp_path / "o")]
+    assert _main([*argv, "--use_cpu", "--report_to", "none"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "class folder(s) cyst, malignant hold no images (found only .dcm files)" in error[0]

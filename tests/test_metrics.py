@@ -1,4 +1,4 @@
-"""The packaged evaluate metric against scikit-learn on fixed predictions, incl. a class absent from a split."""
+"""The packaged evaluate metric against scikit-learn on fixed predictions, incl. classes absent from a split."""
 
 from __future__ import annotations
 
@@ -65,9 +65,50 @@ def test_class_absent_from_references_is_explicit(three_class):
     assert result["roc_auc_macro_defined"] == pytest.approx(expected_defined)
     assert result["f1_macro"] == pytest.approx(skm.f1_score(labels, preds, average="macro", zero_division=0))
     assert np.asarray(result["confusion_matrix"]).shape == (3, 3)
-    assert result["support"][2] == 0
+    assert result["support"][2] == 0 and result["absent_classes"] == [2]
+    # macro_average_classes names exactly the classes scikit-learn's macro F1 averaged over
+    covered = result["macro_average_classes"]
+    assert result["f1_macro"] == pytest.approx(skm.f1_score(labels, preds, labels=covered, average="macro"))
     # NaN becomes null so all_results.json stays valid JSON
     assert json.loads(json.dumps(json_ready(result), allow_nan=False))["roc_auc"] is None
+
+
+def test_single_class_split_is_flagged_not_read_as_perfect(tmp_path, caplog):
+    from usfmae_hf.evaluation.reporting import evaluate_split, flatten_results, write_results
+
+    labels = np.zeros(5, dtype=int)  # e.g. a patient-level validation split holding only benign images
+    probabilities = np.tile([0.8, 0.2], (5, 1))  # a model that always predicts the one present class
+    report = evaluate_split(
+        tmp_path,
+        "validation",
+        probabilities=probabilities,
+        labels=labels,
+        ids=[str(i) for i in range(5)],
+        label_names=["benign", "malignant"],
+    )
+    assert report["f1_macro"] == skm.f1_score(labels, np.zeros(5, dtype=int), average="macro") == 1.0
+    assert report["absent_classes"] == [1] and report["macro_average_classes"] == [0]
+    assert math.isnan(report["roc_auc"])
+    (warning,) = report["warnings"]
+    assert "no images of class(es) ['malignant']" in warning and "always predicts 'benign'" in warning
+    assert "WARNING: " + warning in caplog.text
+    assert report["headline"] == "accuracy 1.000, macro F1 1.000 over benign only (ABSENT: malignant), AUROC undefined"
+    saved = json.loads(write_results(tmp_path, flatten_results("validation", report)).read_text())
+    assert saved["validation_warnings"] == [warning] and saved["validation_headline"] == report["headline"]
+
+
+def test_a_split_with_every_class_has_no_warning(tmp_path, three_class):
+    from usfmae_hf.evaluation.reporting import evaluate_split
+
+    labels, probs = three_class
+    ids = [str(i) for i in range(len(labels))]
+    report = evaluate_split(tmp_path, "test", probabilities=probs, labels=labels, ids=ids, label_names=["a", "b", "c"])
+    assert report["warnings"] == [] and report["absent_classes"] == []
+    assert report["headline"] == (
+        f"accuracy {skm.accuracy_score(labels, probs.argmax(1)):.3f}, "
+        f"macro F1 {skm.f1_score(labels, probs.argmax(1), average='macro'):.3f}, "
+        f"AUROC {skm.roc_auc_score(labels, probs, multi_class='ovr'):.3f}"
+    )
 
 
 def test_bad_inputs_are_refused():

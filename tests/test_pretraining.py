@@ -189,13 +189,23 @@ def test_schedule_matches_mae_adjust_learning_rate(recipe):
     from transformers import HfArgumentParser
 
     from usfmae_hf.pretraining.arguments import apply_recipe
-    from usfmae_hf.pretraining.trainer import _plan
+    from usfmae_hf.pretraining.modeling import make_plan, peak_learning_rate
 
     parser = HfArgumentParser((ModelArguments, DataArguments, PretrainingArguments))
     model_args, _, args = parser.parse_args_into_dataclasses(["--output_dir", "x", "--recipe", recipe])
-    apply_recipe(model_args, args, cuda_available=False)
+    apply_recipe(model_args, args)
     iters_per_epoch = 7
-    plan = _plan(args, list(range(iters_per_epoch)), 256)  # a loader of 7 batches, no accumulation
+    plan = make_plan(  # a loader of 7 batches of 256, no accumulation
+        max_steps=None,
+        num_train_epochs=args.num_train_epochs,
+        micro_batches_per_epoch=iters_per_epoch,
+        gradient_accumulation_steps=1,
+        warmup_steps=None,
+        warmup_ratio=args.warmup_ratio,
+        peak_lr=peak_learning_rate(None, args.base_learning_rate, 256),
+        min_lr=args.min_lr,
+        effective_batch_size=256,
+    )
     epochs = args.num_train_epochs
     warmup_epochs = args.warmup_ratio * epochs  # mae: 40 of 800, usfmae: 10 of 100
     assert plan.total_steps == epochs * iters_per_epoch
@@ -222,14 +232,14 @@ def test_recipe_presets_fill_only_unset_flags():
     model_args, _, args = parser.parse_args_into_dataclasses(
         ["--output_dir", "x", "--recipe", "mae", "--norm_pix_loss", "false", "--adam_beta2", "0.99"]
     )
-    notes = apply_recipe(model_args, args, cuda_available=False)
+    filled = apply_recipe(model_args, args)
     assert (args.adam_beta1, args.adam_beta2, args.min_lr, args.max_grad_norm) == (0.9, 0.99, 0.0, 0.0)
     assert model_args.norm_pix_loss is False and model_args.mask_ratio == 0.75 and args.augmentation == "mae"
-    assert args.mixed_precision == "no" and notes  # the recipe's fp16 needs CUDA
+    assert args.mixed_precision == "fp16" and "mixed_precision" in filled and "adam_beta2" not in filled
     model_args, _, args = parser.parse_args_into_dataclasses(["--output_dir", "x", "--mixed_precision", "bf16"])
-    assert apply_recipe(model_args, args, cuda_available=False) == [] and args.mixed_precision == "bf16"
+    assert "mixed_precision" not in apply_recipe(model_args, args) and args.mixed_precision == "bf16"
     model_args, _, args = parser.parse_args_into_dataclasses(["--output_dir", "x"])
-    apply_recipe(model_args, args, cuda_available=True)
+    apply_recipe(model_args, args)
     assert (args.mixed_precision, args.adam_beta2, args.warmup_ratio, model_args.norm_pix_loss) == (
         "bf16",
         0.999,
@@ -475,3 +485,145 @@ def test_streaming_run_with_augmentation_on_device(parquet_build, config_file, i
     assert [r["step"] for r in _records(output)] == [1, 2, 3]
     assert (output / "final" / "model.safetensors").is_file()
     assert [p.name for p in (output / "reconstructions").iterdir()] == ["step-00000003.png"]
+
+
+# ---------------------------------------------------------------- precision, summaries, output folder
+
+
+def test_bf16_autocast_run_trains_and_records_precision(tiny_model_dir, image_dir, tmp_path, capsys, monkeypatch):
+    """bf16 autocast on CPU (asked for: emulated on CPUs without AMX / AVX-512 BF16, but it runs)."""
+    from usfmae_hf.pretraining import trainer
+
+    dtypes = []  # output dtype of an encoder linear layer, every forward pass
+
+    def build_and_watch(**kwargs):
+        model = build_model(**kwargs)
+        model.vit.layers[0].mlp.fc1.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", build_and_watch)
+    output = tmp_path / "bf16"
+    flags = ["--per_device_train_batch_size", "4", "--max_steps", "8", "--learning_rate", "2e-3"]
+    args = _args(["--model_name_or_path", str(tiny_model_dir)], image_dir, output, *flags, "--logging_steps", "4")
+    args[args.index("--mixed_precision") + 1] = "bf16"
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert dtypes[:8] == [torch.bfloat16] * 8  # the 8 training forwards ran under bf16 autocast
+    records = _records(output)
+    losses = [r["loss"] for r in records]
+    assert len(records) == 8 and all(math.isfinite(loss) for loss in losses)
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert {r["precision"] for r in records} == {"bf16"}
+    assert "precision bf16 autocast (requested)" in printed
+    card = (output / "final" / "README.md").read_text()
+    assert "bf16 autocast (requested)" in card
+
+    # start summary: processes, device, batch, lr plan, data, output; end summary: final loss and outputs
+    assert "processes: 1 (NO), device cpu" in printed
+    assert "effective batch: 4 per process x 1 accumulation x 1 processes = 4" in printed
+    assert "lr plan: linear warmup 1 steps to peak 0.002, cosine to 1e-05 at step 8" in printed  # 10% of 8, rounded
+    assert f"data: 25 images; output folder: {output}" in printed
+    assert f"final loss {losses[-1]:.4f} at step 8" in printed
+    for name in ("final", "log.jsonl", "training_curves.png", "reconstructions"):
+        assert str(output / name) in printed and (output / name).exists()
+
+
+def test_failed_run_can_be_started_over(config_file, image_dir, tmp_path, capsys):
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "log.jsonl").write_text('{"step": 1, "loss": 0.9, "lr"')  # died while writing its first record
+    args = _args(["--config_name", str(config_file)], image_dir, output, "--per_device_train_batch_size", "4")
+    args += ["--max_steps", "2", "--num_reconstruction_images", "0", "--logging_steps", "1"]
+    assert main(args) == 0
+    assert "starting over" in capsys.readouterr().out
+    assert [r["step"] for r in _records(output)] == [1, 2]
+    assert main(args) == 2  # now it holds a finished run
+    assert "holds a run (final/)" in capsys.readouterr().err
+    assert main(args + ["--overwrite_output_dir"]) == 0
+    assert [r["step"] for r in _records(output)] == [1, 2]
+
+
+def test_launch_that_starts_fewer_processes_than_asked_is_warned_about(config_file, image_dir, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process (it sets MASTER_PORT, not WORLD_SIZE)."""
+    args = _args(["--config_name", str(config_file)], image_dir, tmp_path / "run", "--per_device_train_batch_size", "4")
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(SCRIPT),
+        *args,
+        "--max_steps",
+        "1",
+        "--num_reconstruction_images",
+        "0",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "warning: several processes asked for (MASTER_PORT is set without WORLD_SIZE" in result.stdout
+    assert "processes: 1 (NO)" in result.stdout
+    assert [r["step"] for r in _records(tmp_path / "run")] == [1]  # written once: one process ran
+
+
+def _error_line(capsys) -> str:
+    """The one line a failed run printed as its error."""
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    return line
+
+
+# ---------------------------------------------------------------- resume checks
+
+
+def test_resume_with_other_settings_fails_in_one_line(reference_run, tiny_model_dir, image_dir, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    resume = ["--resume_from_checkpoint", "latest"]
+    base = _args(["--model_name_or_path", str(tiny_model_dir)], image_dir, run, *RUN, *resume)
+    assert main(base + ["--base_learning_rate", "2e-2"]) == 2
+    line = _error_line(capsys)
+    assert "cannot resume from" in line and "run peak_lr 0.0003125 in the checkpoint, 0.000625 now" in line
+
+    wider = tmp_path / "wider.json"
+    json.dump({**json.loads((tiny_model_dir / "config.json").read_text()), "hidden_size": 48}, wider.open("w"))
+    assert main(_args(["--config_name", str(wider)], image_dir, run, *RUN, *resume)) == 2
+    assert "architecture hidden_size 32 in the checkpoint, 48 now" in _error_line(capsys)
+
+
+def test_checkpoint_without_scheduler_state_or_settings_resumes(
+    reference_run, tiny_model_dir, image_dir, tmp_path, capsys
+):
+    """A checkpoint as older versions wrote it (no run_settings.json, no scheduler.bin) resumes exactly."""
+    import shutil
+
+    run = tmp_path / "run"
+    args = _args(["--model_name_or_path", str(tiny_model_dir)], image_dir, run, *RUN, "--save_total_limit", "2")
+    assert main(args) == 0
+    shutil.rmtree(run / "checkpoint-4")
+    shutil.rmtree(run / "final")
+    (run / "checkpoint-2" / "run_settings.json").unlink()
+    assert not (run / "checkpoint-2" / "scheduler.bin").exists()
+    resume = args + ["--resume_from_checkpoint", "latest"]
+
+    assert main(resume + ["--weight_decay", "0.01"]) == 2  # read off the optimizer state instead
+    assert "optimizer weight_decay 0.05/0 in the checkpoint, 0.01/0 now" in _error_line(capsys)
+
+    assert main(resume) == 0
+    assert "checkpoint-2 predates run_settings.json: compared its model config and optimizer state only" in (
+        capsys.readouterr().out
+    )
+    assert [r["step"] for r in _records(run)] == [1, 2, 3, 4]
+    assert _losses(run) == _losses(reference_run)
+    assert [r["lr"] for r in _records(run)] == [r["lr"] for r in _records(reference_run)]

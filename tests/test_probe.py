@@ -1,19 +1,18 @@
-"""Frozen-feature probes (linear, k-NN) through the CLI, and the k-fold runner's summary statistics."""
+"""Frozen-feature probes (linear, k-NN) through the CLI, and the k-fold runner end to end."""
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from synthetic_segmentation import write_busbra
 from test_finetuning import make_speckle_folders
 
 from usfmae_hf.cli import main
-from usfmae_hf.evaluation.crossval import summarize_folds
 from usfmae_hf.evaluation.probe import build_probe, class_probabilities
 
 
@@ -31,6 +30,11 @@ def _data_flags(root: Path) -> list[str]:
         "--test-dir",
         str(root / "test"),
     ]
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
 
 
 @pytest.mark.parametrize("method, dtype", [("linear", "fp32"), ("knn", "bf16")])
@@ -73,8 +77,7 @@ def test_probe_cli(method, dtype, tiny_model_dir, speckle_data, tmp_path, monkey
     assert results["method"] == method and results["test_num_samples"] == 12
     assert (results["dtype"], results["precision"]) == (dtype, f"{dtype} (requested)")
     assert results["test_accuracy"] >= 0.9, results  # chance is 0.5: the classes differ in echogenicity
-    with (output / "test_predictions.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
+    rows = _csv_rows(output / "test_predictions.csv")
     assert len(rows) == 12
     assert np.mean([row["label"] == row["prediction"] for row in rows]) == pytest.approx(results["test_accuracy"])
     for name in ("test_confusion_matrix.png", "test_roc.png", "validation_predictions.csv"):
@@ -92,21 +95,20 @@ def test_probabilities_cover_classes_never_seen_in_training():
     np.testing.assert_allclose(probabilities.sum(1), 1.0)
 
 
-def test_summary_statistics_and_undefined_folds():
-    from scipy import stats
+def test_probe_flags_a_validation_split_without_a_class(tiny_model_dir, tmp_path, capsys):
+    import shutil
 
-    folds = [
-        {"test_accuracy": a, "test_roc_auc": r} for a, r in ((0.8, 0.9), (0.7, None), (0.9, 0.85), (0.75, float("nan")))
-    ]
-    summary = summarize_folds(folds)
-    accuracies = [0.8, 0.7, 0.9, 0.75]
-    low, high = stats.t.interval(0.95, df=3, loc=np.mean(accuracies), scale=stats.sem(accuracies))
-    row = summary["accuracy"]
-    assert row["mean"] == pytest.approx(np.mean(accuracies)) and row["std"] == pytest.approx(np.std(accuracies, ddof=1))
-    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(low), pytest.approx(high))
-    # undefined AUROC folds are excluded and counted, not averaged as numbers
-    assert summary["roc_auc"]["n"] == 2 and summary["roc_auc"]["n_undefined"] == 2
-    assert summary["roc_auc"]["mean"] == pytest.approx(0.875)
+    root = make_speckle_folders(tmp_path / "data", {"train": 6, "validation": 3})
+    shutil.rmtree(root / "validation" / "malignant")  # e.g. a patient-level validation split of one class
+    output = tmp_path / "probe"
+    flags = ["--train-dir", str(root / "train"), "--validation-dir", str(root / "validation")]
+    assert main(["probe", "--model", str(tiny_model_dir), *flags, "--output-dir", str(output)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((output / "all_results.json").read_text())
+    (warning,) = results["validation_warnings"]
+    assert "no images of class(es) ['malignant']" in warning and f"WARNING: {warning}" in printed
+    assert "(ABSENT: malignant)" in results["validation_headline"] and results["validation_roc_auc"] is None
+    assert f"validation: {results['validation_headline']}" in printed
 
 
 def _fake_gist514(root: Path, rng: np.random.Generator) -> Path:
@@ -165,10 +167,17 @@ def test_cv_over_task_folds(tiny_model_dir, fake_gist514, tmp_path):
     assert _cv(tiny_model_dir, fake_gist514, output, "--method", "knn", "--k", "3", "--dtype", "fp32") == 0
     saved = json.loads((output / "cv_results.json").read_text())
     assert [saved["folds"][fold]["dtype"] for fold in ("0", "1")] == ["fp32", "fp32"]
+    summary = saved["summary"]
     fold_accuracy = [saved["folds"][fold]["test_accuracy"] for fold in ("0", "1")]
-    assert saved["summary"]["accuracy"]["mean"] == pytest.approx(np.mean(fold_accuracy))
-    assert saved["summary"]["accuracy"]["n"] == 2 and not math.isnan(saved["summary"]["accuracy"]["ci_low"])
-    assert (output / "fold_1" / "test_predictions.csv").is_file()
+    assert summary["accuracy"]["mean"] == pytest.approx(np.mean(fold_accuracy)) and summary["accuracy"]["n"] == 2
+    # the pooled accuracy is that of the 16 out-of-fold predictions; with 2 folds only the bootstrap CI exists
+    rows = [row for fold in ("0", "1") for row in _csv_rows(output / f"fold_{fold}" / "test_predictions.csv")]
+    assert summary["accuracy"]["pooled"] == pytest.approx(np.mean([r["label"] == r["prediction"] for r in rows]))
+    assert summary["n_pooled"] == 16 and summary["resampled_unit"] == "images"
+    assert summary["ci_method"].startswith("percentile bootstrap") and "not meaningful" in summary["fold_ci_method"]
+    for metric in ("accuracy", "f1_macro", "roc_auc"):
+        row = summary[metric]
+        assert row["fold_ci_low"] is None and 0.0 <= row["ci_low"] <= row["pooled"] <= row["ci_high"] <= 1.0, metric
 
 
 def test_cv_finetune_mode_forwards_trainer_flags(tiny_model_dir, fake_gist514, tmp_path):
@@ -179,3 +188,25 @@ def test_cv_finetune_mode_forwards_trainer_flags(tiny_model_dir, fake_gist514, t
     assert saved["folds"]["1"]["recipe"]["head"] == "cls" and saved["folds"]["1"]["test_num_samples"] == 8
     assert saved["summary"]["f1_macro"]["n"] == 2
     assert (output / "fold_0" / "model.safetensors").is_file() and (output / "fold_1" / "test_roc.png").is_file()
+
+
+def test_cv_resamples_patients_and_gives_a_fold_interval_from_three_folds(tiny_model_dir, tmp_path):
+    write_busbra(tmp_path / "data", n_patients=15, size=32)
+    output = tmp_path / "cv"
+    flags = ["--task", "busbra", "--data-root", str(tmp_path / "data"), "--folds", "1", "2", "3"]
+    assert (
+        main(["cv", "--model", str(tiny_model_dir), *flags, "--method", "knn", "--k", "3", "--output-dir", str(output)])
+        == 0
+    )
+    summary = json.loads((output / "cv_results.json").read_text())["summary"]
+    # write_busbra: patient c is in test fold (c % 5) + 1, so folds 1-3 hold patients with c % 5 in {0, 1, 2}
+    assert summary["resampled_unit"] == "patients"
+    assert summary["n_resampled_units"] == sum(1 for c in range(1, 16) if c % 5 < 3)
+    assert "logit" in summary["fold_ci_method"] and isinstance(summary["warnings"], list)
+    for metric in ("accuracy", "balanced_accuracy", "mcc"):
+        low, high = (-1.0, 1.0) if metric == "mcc" else (0.0, 1.0)
+        row = summary[metric]
+        assert low <= row["ci_low"] <= row["ci_high"] <= high, metric
+        if row["fold_ci_low"] is not None:  # zero width when every fold scores the same
+            assert low <= row["fold_ci_low"] <= row["fold_ci_high"] <= high, metric
+    assert any(summary[metric]["fold_ci_low"] is not None for metric in ("accuracy", "balanced_accuracy", "mcc"))

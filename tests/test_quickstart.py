@@ -1,12 +1,37 @@
-"""The README's main job, ``usfmae quickstart``, at reduced size (``--smoke``): outputs exist and load."""
+"""The README's main job, ``usfmae quickstart``, at reduced size (``--smoke``): outputs exist and load.
+
+Also its labelled task: split by scan, so that no image content (and no copy of a scan) is in both splits.
+"""
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import itertools
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+
+
+def _array_digest(pixels: np.ndarray) -> str:
+    """SHA-256 of an array's shape and bytes (written here, independently of usfmae_hf.io.hashing)."""
+    return hashlib.sha256(repr(pixels.shape).encode() + np.ascontiguousarray(pixels).tobytes()).hexdigest()
+
+
+def _pixel_digest(path: Path) -> str:
+    with Image.open(path) as image:
+        return _array_digest(np.asarray(image.convert("RGB")))
+
+
+def _digests_by_split(task_dir: Path) -> dict[str, set[str]]:
+    return {
+        split: {_pixel_digest(path) for path in (task_dir / split).rglob("*.png")} for split in ("train", "validation")
+    }
 
 
 @pytest.mark.slow
@@ -19,8 +44,8 @@ def test_quickstart_smoke_run_produces_loadable_outputs(tmp_path):
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    for number in range(1, 8):
-        assert f"[{number}/7]" in result.stdout  # visible progress through every stage
+    for number in range(1, 9):
+        assert f"[{number}/8]" in result.stdout  # visible progress through every stage
 
     from datasets import load_dataset
     from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification, ViTMAEModel
@@ -47,6 +72,13 @@ def test_quickstart_smoke_run_produces_loadable_outputs(tmp_path):
     ):
         assert section in report
     assert "validation_accuracy" in report
+    assert "UsfmaeImageProcessor (PIL backend, exact)" in report and "load_image_processor" in report
+    assert (
+        "Leakage check (`usfmae_hf.evaluation.check_leakage`, scans and pixel SHA-256): no groups (scan) and image "
+        "content shared between splits" in report
+    )
+    digests = _digests_by_split(out / "orientation-task")
+    assert digests["train"] and digests["validation"] and not digests["train"] & digests["validation"]
 
 
 def test_quickstart_refuses_a_non_empty_output(tmp_path):
@@ -56,3 +88,65 @@ def test_quickstart_refuses_a_non_empty_output(tmp_path):
     )
     assert result.returncode == 2 and "not empty" in result.stderr and "Traceback" not in result.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+@pytest.fixture(scope="module")
+def ingested(ultrasound_dicoms, tmp_path_factory) -> Path:
+    """The pydicom-data ultrasound files ingested as the quickstart does (every 20th cine frame)."""
+    from usfmae_hf.ingest import IngestOptions, ingest
+    from usfmae_hf.quickstart.runner import RAW_FOLDER, collect_ultrasound_dicoms
+
+    root = tmp_path_factory.mktemp("quickstart_ingest")
+    collect_ultrasound_dicoms(root / "raw" / RAW_FOLDER)
+    ingest(root / "raw", root / "dataset", options=IngestOptions(frame_stride=20), progress=False)
+    return root / "dataset"
+
+
+def test_orientation_task_keeps_every_scan_and_its_copies_in_one_split(ingested, ultrasound_dicoms, tmp_path):
+    from usfmae_hf.io import load_frames
+    from usfmae_hf.quickstart.task import build_orientation_task, check_task_leakage
+
+    task = build_orientation_task(ingested, tmp_path / "task")
+    digests = _digests_by_split(tmp_path / "task")
+    assert digests["train"] and digests["validation"] and not digests["train"] & digests["validation"]
+    assert check_task_leakage(tmp_path / "task").ok
+
+    # Files sharing any frame content, found here by hashing every frame of the raw files, share a split.
+    frames = {name: {_array_digest(f.image) for f in load_frames(path)} for name, path in ultrasound_dicoms.items()}
+    split_of = {name: entry["split"] for entry in task.scans.values() for name in entry["files"]}
+    copies = [(a, b) for a, b in itertools.combinations(sorted(frames), 2) if frames[a] & frames[b]]
+    assert {("US1_J2KR.dcm", "US1_UNCR.dcm"), ("OBXXXX1A.dcm", "OBXXXX1A_rle.dcm")} <= set(copies)
+    assert all(split_of[a] == split_of[b] for a, b in copies)
+
+    # Both orientations of a frame, and all frames of a file, are in one split.
+    with open(tmp_path / "task" / "manifest.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    splits_of_source, labels_of_frame = {}, {}
+    for row in rows:
+        splits_of_source.setdefault(row["source"], set()).add(row["split"])
+        labels_of_frame.setdefault((row["source"], row["frame"], row["split"]), []).append(row["label"])
+    assert all(len(splits) == 1 for splits in splits_of_source.values())
+    assert all(sorted(labels) == ["flipped", "upright"] for labels in labels_of_frame.values())
+    assert sum(len(entry["files"]) for entry in task.scans.values()) == len(ultrasound_dicoms)
+    assert sum(sum(counts.values()) for counts in task.counts.values()) == len(rows)
+
+
+def test_leakage_check_catches_a_scan_in_both_splits(ingested, tmp_path):
+    import shutil
+
+    from usfmae_hf.evaluation import DataLeakageError
+    from usfmae_hf.quickstart.task import MANIFEST, build_orientation_task, check_task_leakage
+
+    task_dir = tmp_path / "task"
+    build_orientation_task(ingested, task_dir)
+    with open(task_dir / MANIFEST, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    moved = next(row for row in rows if row["split"] == "validation")
+    copy = {**moved, "split": "train", "file": moved["file"].replace("validation/", "train/", 1)}
+    shutil.copyfile(task_dir / moved["file"], task_dir / copy["file"])
+    with open(task_dir / MANIFEST, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows([*rows, copy])
+    with pytest.raises(DataLeakageError, match="shared groups.*identical images"):
+        check_task_leakage(task_dir)

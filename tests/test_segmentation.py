@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import socket
@@ -254,18 +255,17 @@ def test_segment_command_on_folders_dicoms_and_cines(trained, seg_data, ultrasou
 
 
 @pytest.mark.slow
-def test_push_to_local_hub(trained, hub_server):  # noqa: F811
-    from transformers import TrainingArguments
+def test_push_to_hub_flag_uploads_the_run_once(seg_model_dir, seg_data, tmp_path, hub_server):  # noqa: F811
+    from usfmae_hf.finetuning.segmentation import main
 
-    from usfmae_hf.finetuning.outputs import push_output
-
-    output, _ = trained
-    push_output(TrainingArguments(output_dir=str(output), hub_model_id="tester/usfmae-seg", use_cpu=True))
+    output = tmp_path / "pushed"
+    flags = ["--max_steps", "1", "--per_device_train_batch_size", "2", "--num_overlays", "1"]
+    flags += ["--push_to_hub", "--hub_model_id", "tester/usfmae-seg"]
+    assert main(_args(seg_model_dir, seg_data, output, *flags)) == 0
     remote = hub_server.files("tester/usfmae-seg")
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "all_results.json"} <= set(
-        remote
-    )
-    assert "training_args.bin" not in remote and "training_args.json" in remote
+    expected = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "all_results.json"}
+    assert expected <= set(remote) and "training_args.json" in remote and "training_args.bin" not in remote
+    assert remote["model.safetensors"] == (output / "model.safetensors").read_bytes()
 
 
 @pytest.mark.slow
@@ -302,3 +302,57 @@ def test_two_processes_equal_one_with_accumulation(seg_model_dir, seg_data, tmp_
     trained = [key for key in weights["single"] if "running_" not in key and "num_batches" not in key]
     for key in trained:
         torch.testing.assert_close(weights["ddp"][key], weights["single"][key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_split_report_with_instances_csv_overlays_and_card_results(tmp_path):
+    """Perfect predictions of two lesions: Dice 1, HD95 0, mAP 1; the CSV, overlays and card rows follow."""
+    from usfmae_hf.evaluation.segmentation_reporting import (
+        evaluate_segmentation_split,
+        flat_segmentation_results,
+        segmentation_card_results,
+    )
+    from usfmae_hf.inference.segmentation import SegmentationPrediction
+
+    truth = np.zeros((20, 30), dtype=np.uint8)
+    truth[2:6, 2:8] = 1
+    truth[10:16, 18:26] = 2
+    empty = np.zeros((12, 12), dtype=np.uint8)
+    predictions = [
+        SegmentationPrediction(truth.copy(), np.full(truth.shape, 0.9, np.float32)),
+        SegmentationPrediction(empty.copy(), np.ones(empty.shape, np.float32)),
+    ]
+    images = [Image.fromarray(np.full((20, 30), 128, np.uint8)), Image.fromarray(np.zeros((12, 12), np.uint8))]
+    report = evaluate_segmentation_split(
+        tmp_path,
+        "test",
+        predictions=predictions,
+        references=[truth, empty],
+        ids=["a/one", "two"],
+        label_names=["background", "cyst", "tumour"],
+        pixel_spacings=[(0.5, 0.5), None],
+        instances=True,
+        overlay_images=images[:1],
+    )
+    assert report["dice_mean"] == 1.0 and report["hd95_px_mean"] == 0.0 and report["hd95_mm_mean"] == 0.0
+    assert report["instance_map"] == pytest.approx(1.0) and report["instance_map_50"] == pytest.approx(1.0)
+    assert report["per_class"]["cyst"]["empty"] == 1  # the empty image: defined as 1, counted
+    assert [path.name for path in (tmp_path / "test_overlays").iterdir()] == ["a_one.png"]
+    with Image.open(tmp_path / "test_overlays" / "a_one.png") as overlay:
+        assert overlay.size == (30 * 3 + 4 * 2, 20)  # image | truth | prediction
+    rows = list(csv.DictReader(open(tmp_path / "test_per_image_metrics.csv", newline="")))
+    assert len(rows) == 6 and rows[0]["id"] == "a/one" and rows[3]["hd95_px"] == ""  # undefined: empty cell
+    flat = flat_segmentation_results("test", report)
+    assert flat["test_dice_tumour"] == 1.0 and "test_per_class" not in flat
+    cards = {row["metric"]: row["value"] for row in segmentation_card_results({"test": report}, "Synthetic")}
+    assert cards["dice"] == 1.0 and cards["map"] == 1.0 and cards["hd95_mm"] == 0.0
+
+
+def test_mask_png_keeps_label_ids_and_colours():
+    from usfmae_hf.inference.segmentation import mask_png
+
+    mask = np.array([[0, 1, 2], [2, 1, 0]], dtype=np.uint8)
+    image = Image.open(io.BytesIO(mask_png(mask, 3)))
+    assert image.mode == "P"
+    np.testing.assert_array_equal(np.asarray(image), mask)
+    palette = image.getpalette()[:9]
+    assert palette[:3] == [0, 0, 0] and palette[3:6] != palette[6:9]

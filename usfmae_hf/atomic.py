@@ -30,6 +30,7 @@ def atomic_directory(output: str | os.PathLike, *, overwrite: bool = False) -> I
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like a plain mkdir
+    backup: Path | None = None
     try:
         yield staging
         if output.exists():
@@ -43,6 +44,8 @@ def atomic_directory(output: str | os.PathLike, *, overwrite: bool = False) -> I
         else:
             staging.rename(output)
     except BaseException:
+        if backup is not None and backup.exists() and not output.exists():
+            backup.rename(output)  # interrupted between the two renames: the old output goes back
         _remove(staging)
         raise
 

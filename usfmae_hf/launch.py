@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from usfmae_hf.errors import UsfmaeError
 from usfmae_hf.failures import run_reporting_failures
 
 
@@ -29,7 +30,11 @@ def run_from_command_line(
         from transformers import HfArgumentParser
 
         parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
-        parsed = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
+        *parsed, unknown = parser.parse_args_into_dataclasses(
+            args=list(argv) if argv is not None else None, return_remaining_strings=True
+        )
+        if unknown:
+            raise UsfmaeError(f"unrecognized arguments: {' '.join(unknown)} (--help lists every flag)")
         run(*parsed)
 
     try:

@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from usfmae_hf.commands import open_unit_fraction
+from usfmae_hf.publishing.cards import OFFICIAL_LICENSE, OFFICIAL_RELEASES, UNKNOWN_LICENSE
+
+# usfmae_hf.model.conversion.STORAGE_DTYPES, spelled out: importing that module (torch, transformers)
+# would slow every command's start.
+STORAGE_DTYPES = ("keep", "fp32", "fp16", "bf16")
+
+
+def license_id(value: str) -> str:
+    """``--license``: a Hub license id (lower-case letters, digits, ``.``, ``+``, ``-``)."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a Hub license id (lower case, e.g. mit, apache-2.0, cc-by-4.0, other)"
+        )
+    return value
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -51,6 +66,28 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         default=None,
         help="decoder heads (default: 16, as every released MAE)",
     )
+    parser.add_argument(
+        "--source",
+        dest="declared_source",
+        choices=tuple(OFFICIAL_RELEASES),
+        default=None,
+        help="declare the checkpoint to be this official USF-MAE release (recorded in the provenance; only then "
+        "does the model card state what the paper says about the official checkpoints: pretraining corpus, F1 scores)",
+    )
+    parser.add_argument(
+        "--license",
+        type=license_id,
+        default=None,
+        help=f"Hub license id of the weights, e.g. mit, apache-2.0, cc-by-4.0 (default: {OFFICIAL_LICENSE} with "
+        f"--source, else '{UNKNOWN_LICENSE}')",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=STORAGE_DTYPES,
+        default="fp32",
+        help="precision of the written weights: keep (the checkpoint's own, e.g. an fp16 release bit for bit), "
+        "fp32, fp16 or bf16; verification runs in fp32 whatever this is (default: fp32)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument(
         "--no-verify",
@@ -74,6 +111,9 @@ def run_convert(args: argparse.Namespace) -> int:
         decoder_num_attention_heads=args.decoder_num_attention_heads,
         overwrite=args.overwrite,
         verify=args.verify,
+        declared_source=args.declared_source,
+        license=args.license,
+        dtype=args.dtype,
     )
     print(f"detected layout: {result.layout}")
     if result.max_abs_diff:
@@ -87,6 +127,13 @@ def run_convert(args: argparse.Namespace) -> int:
         print(
             "encoder-only directory: AutoModel gives the encoder; there is no decoder for reconstruction or pretraining"
         )
+    if args.declared_source is None:
+        print(
+            "model card: not declared an official USF-MAE release (--source), so it states nothing about how the "
+            "weights were trained"
+        )
+    if args.license is None and args.declared_source is None:
+        print(f"model card: license '{UNKNOWN_LICENSE}' (set it with --license)")
     print(f"wrote {result.output_dir}")
     return 0
 
@@ -99,6 +146,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument(
         "--output", "-o", type=Path, required=True, help="original-layout state dict file to write (.pth)"
     )
+    parser.add_argument(
+        "--encoder-only",
+        action="store_true",
+        help="leave out the decoder and mask token: a file that timm's VisionTransformer loads strictly, e.g. "
+        "timm.create_model('vit_base_patch16_224', num_classes=0).load_state_dict(torch.load(file)) for ViT-B",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return parser
 
@@ -106,7 +159,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 def run_export(args: argparse.Namespace) -> int:
     from usfmae_hf.model.conversion import export_original
 
-    print(f"wrote {export_original(args.model_dir, args.output, overwrite=args.overwrite)}")
+    written = export_original(args.model_dir, args.output, overwrite=args.overwrite, encoder_only=args.encoder_only)
+    print(f"wrote {written}")
     return 0
 
 

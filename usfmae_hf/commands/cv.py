@@ -1,4 +1,4 @@
-"""``usfmae cv``: run fine-tuning or a probe on every fold of a task and report mean, std and 95% CI."""
+"""``usfmae cv``: run fine-tuning or a probe on every fold of a task and report fold statistics and bounded 95% CIs."""
 
 from __future__ import annotations
 
@@ -6,19 +6,22 @@ import argparse
 import json
 from pathlib import Path
 
+from usfmae_hf.commands import positive_int
 from usfmae_hf.commands.probe import TASKS, add_output_arguments, add_probe_arguments, probe_kwargs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "cv",
-        help="k-fold evaluation (fine-tuning or probe) with mean, std and 95%% confidence intervals",
+        help="k-fold evaluation (fine-tuning or probe) with mean, std and bounded 95%% confidence intervals",
         description=(
             "Run fine-tuning or a probe (--cv-method; the probe's kind is --method) on each of --folds of --task, "
-            "each fold into OUTPUT_DIR/fold_<k>, then summarise the --split metrics over folds: mean, sample std "
-            "and a Student-t 95% confidence interval of the mean "
-            "(needs scipy; otherwise the interval is reported as unavailable). Undefined fold metrics (e.g. AUROC "
-            "with a class absent from a fold) are excluded and counted, never averaged. Writes "
+            "each fold into OUTPUT_DIR/fold_<k>, then summarise the --split metrics: mean and sample std over "
+            "folds; the metric on the pooled out-of-fold predictions with a 95% percentile-bootstrap interval "
+            "(resampling patients where the task knows them, images otherwise); and, with 3 or more folds, a "
+            "Student-t interval of the fold mean on the logit scale. Both intervals stay inside the metric's "
+            "range. Undefined fold metrics (e.g. AUROC with a class absent from a fold) are excluded and "
+            "counted, never averaged; a split lacking a class is flagged with a warning. Writes "
             "OUTPUT_DIR/cv_results.json. With --cv-method finetune, arguments after `--` go to the fine-tuning "
             "script (any TrainingArguments or recipe flag, e.g. -- --recipe mae --num_train_epochs 50)."
         ),
@@ -50,6 +53,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="split whose metrics are summarised (default: test)",
     )
     parser.add_argument(
+        "--bootstrap-resamples",
+        "--bootstrap_resamples",
+        dest="bootstrap_resamples",
+        type=positive_int,
+        default=2000,
+        help="bootstrap resamples of the pooled predictions (default: 2000; seed 0)",
+    )
+    parser.add_argument(
         "--skip-unreadable",
         "--skip_unreadable",
         dest="skip_unreadable",
@@ -66,28 +77,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from usfmae_hf.atomic import atomic_write_text
     from usfmae_hf.errors import UsfmaeError
-    from usfmae_hf.evaluation.crossval import format_summary, summarize_folds
+    from usfmae_hf.evaluation.crossval import format_summary, pool_predictions, summarize_folds
     from usfmae_hf.evaluation.metrics import json_ready
 
     extra = args.finetune_args[1:] if args.finetune_args[:1] == ["--"] else args.finetune_args
     if extra and args.cv_method != "finetune":
         raise UsfmaeError(f"extra arguments {extra} are only accepted with --cv-method finetune")
-    fold_results = []
+    fold_results, patients = {}, {}
     for fold in args.folds:
         output = args.output_dir / f"fold_{fold}"
         print(f"== fold {fold} -> {output}")
-        fold_results.append(_run_fold(args, fold, output, extra))
-    summary = summarize_folds(fold_results, split=args.split)
+        fold_results[str(fold)] = _run_fold(args, fold, output, extra)
+        fold_patients = _patients(args, fold)
+        patients = None if fold_patients is None or patients is None else patients | fold_patients
+    pooled = pool_predictions(
+        [args.output_dir / f"fold_{fold}" / f"{args.split}_predictions.csv" for fold in args.folds], patients
+    )
+    summary = summarize_folds(fold_results, pooled, split=args.split, n_resamples=args.bootstrap_resamples)
     atomic_write_text(
         args.output_dir / "cv_results.json",
-        json.dumps(
-            json_ready({"folds": dict(zip(map(str, args.folds), fold_results, strict=True)), "summary": summary}),
-            indent=2,
-            allow_nan=False,
-        ),
+        json.dumps(json_ready({"folds": fold_results, "summary": summary}), indent=2, allow_nan=False),
     )
     print(format_summary(summary))
     return 0
+
+
+def _patients(args: argparse.Namespace, fold: int) -> dict[str, str] | None:
+    """Image id -> patient id of the fold's --split, or ``None`` when the task records no patients."""
+    from usfmae_hf.evaluation.crossval import PATIENT_COLUMNS
+    from usfmae_hf.evaluation.labelled import load_labelled_images
+
+    split = load_labelled_images(task=args.task, data_root=args.data_root, fold=fold)[args.split]
+    column = next((name for name in PATIENT_COLUMNS if name in split.column_names), None)
+    return None if column is None else dict(zip(split["id"], split[column], strict=True))
 
 
 def _run_fold(args: argparse.Namespace, fold: int, output: Path, extra: list[str]) -> dict:
@@ -116,6 +138,7 @@ def _run_fold(args: argparse.Namespace, fold: int, output: Path, extra: list[str
         str(output),
         "--skip_unreadable",
         str(args.skip_unreadable),
+        *(["--overwrite_output_dir"] if args.overwrite else []),
         *extra,
     ]
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))

@@ -118,7 +118,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Extract frozen features of every split with the encoder at --model, fit a logistic regression "
             "(standardised features) or a cosine k-NN on train, and score validation and test with the same "
             "metrics and outputs as fine-tuning: all_results.json, <split>_predictions.csv, "
-            "<split>_confusion_matrix.png, <split>_roc.png."
+            "<split>_confusion_matrix.png, <split>_roc.png. A split lacking a class is flagged with a warning "
+            "(printed and recorded as <split>_warnings): its AUROC is undefined and its averages cover fewer classes."
         ),
     )
     add_probe_arguments(parser)
@@ -137,10 +138,9 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.output_dir, data=data_kwargs(args, args.fold), overwrite=args.overwrite, **probe_kwargs(args)
     )
     for split in ("validation", "test"):
-        if f"{split}_accuracy" in results:
-            print(
-                f"{split}: accuracy {results[f'{split}_accuracy']:.4f}  macro F1 {results[f'{split}_f1_macro']:.4f}  "
-                f"AUROC {results[f'{split}_roc_auc']:.4f}"
-            )
+        if f"{split}_headline" in results:
+            print(f"{split}: {results[f'{split}_headline']}")
+            for warning in results[f"{split}_warnings"]:
+                print(f"WARNING: {warning}")
     print(f"Wrote {args.output_dir}")
     return 0

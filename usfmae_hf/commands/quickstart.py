@@ -26,7 +26,8 @@ def register(subparsers) -> None:
         "quickstart",
         help="run the whole lifecycle on real ultrasound DICOMs and write a report",
         description="Ingest the real ultrasound DICOMs of pydicom-data, convert a small MAE, continue "
-        "pretraining it, extract features and a reconstruction, fine-tune a classifier, and write "
+        "pretraining it, load it back with the exact image processor, extract features and a reconstruction, "
+        "build a labelled task split by scan (checked for leakage), fine-tune a classifier on it, and write "
         "REPORT.md with figures, metrics and the commands for the real USF-MAE release.",
     )
     parser.add_argument("--output", "-o", type=Path, required=True, help="directory for every output and REPORT.md")

@@ -67,7 +67,8 @@ def run_probe(
     (``train_dir``/``validation_dir``/``test_dir``, ``dataset_name``, or ``task``/``data_root``/``fold``).
     ``dtype`` is the encoder's precision (``auto``, ``fp32``, ``bf16``, ``fp16``; see
     :func:`usfmae_hf.precision.choose_precision`), recorded in the results as ``dtype`` and ``precision``.
-    Returns the flat results written to ``all_results.json``.
+    Returns the flat results written to ``all_results.json``; a split lacking a class is flagged in
+    ``{split}_warnings`` (see :func:`usfmae_hf.evaluation.reporting.absent_class_warnings`).
     """
     from usfmae_hf.inference.features import extract_features, load_encoder
     from usfmae_hf.precision import choose_precision

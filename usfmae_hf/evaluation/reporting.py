@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,7 +15,10 @@ from typing import Any
 import numpy as np
 
 from usfmae_hf.atomic import atomic_write_bytes, atomic_write_text
+from usfmae_hf.errors import UsfmaeError
 from usfmae_hf.evaluation.metrics import classification_report, json_ready
+
+logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "all_results.json"
 # Metrics that go to the model card's model-index: (report key, Hub metric type, display name)
@@ -36,18 +41,64 @@ def evaluate_split(
 ) -> dict[str, Any]:
     """Score one split and write ``{split}_predictions.csv``, ``{split}_confusion_matrix.png``, ``{split}_roc.png``.
 
-    Returns the full metric report (see :mod:`usfmae_hf.evaluation.metrics`).
+    Returns the full metric report (see :mod:`usfmae_hf.evaluation.metrics`) plus ``headline`` (the
+    one-line summary of the plot title) and ``warnings`` (see :func:`absent_class_warnings`; each is also
+    logged), so both reach ``all_results.json`` through :func:`flatten_results`.
     """
     output_dir = Path(output_dir)
     probabilities = np.asarray(probabilities, dtype=np.float64)
     labels = np.asarray(labels)
     report = classification_report(probabilities, labels)
+    report["warnings"] = absent_class_warnings(split, report, label_names)
+    for warning in report["warnings"]:
+        logger.warning("WARNING: %s", warning)
+    report["headline"] = headline(report, label_names)
     atomic_write_text(
         output_dir / f"{split}_predictions.csv", _predictions_csv(probabilities, labels, ids, label_names)
     )
     atomic_write_bytes(output_dir / f"{split}_confusion_matrix.png", _confusion_png(report, label_names, split))
     atomic_write_bytes(output_dir / f"{split}_roc.png", _roc_png(probabilities, labels, label_names, report, split))
     return report
+
+
+def absent_class_warnings(split: str, report: Mapping[str, Any], label_names: Sequence[str]) -> list[str]:
+    """A warning when ``split`` lacks a class: its AUROC is undefined and the averages cover fewer classes."""
+    absent = [label_names[i] for i in report["absent_classes"]]
+    if not absent:
+        return []
+    present = [name for i, name in enumerate(label_names) if i not in report["absent_classes"]]
+    trivial = f" (a model that always predicts {present[0]!r} scores 1.0 on both)" if len(present) == 1 else ""
+    return [
+        f"the {split} split has no images of class(es) {absent} (present: {present}): AUROC is undefined, and "
+        f"macro F1 and balanced accuracy average over fewer classes than the task has{trivial}. Evaluate on a "
+        "split that holds every class, e.g. a larger or class-stratified validation split."
+    ]
+
+
+def headline(report: Mapping[str, Any], label_names: Sequence[str]) -> str:
+    """``accuracy 0.950, macro F1 0.948, AUROC 0.990``, naming the classes averaged when a class is absent."""
+    f1 = f"macro F1 {report['f1_macro']:.3f}"
+    if report["absent_classes"]:
+        covered = [label_names[i] for i in report["macro_average_classes"]]
+        absent = [label_names[i] for i in report["absent_classes"]]
+        f1 += f" over {', '.join(covered)} only (ABSENT: {', '.join(absent)})"
+    auroc = report.get("roc_auc", math.nan)
+    return f"accuracy {report['accuracy']:.3f}, {f1}, AUROC " + ("undefined" if math.isnan(auroc) else f"{auroc:.3f}")
+
+
+def read_predictions(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a ``{split}_predictions.csv`` back: ``id``, ``label``, ``prediction`` and ``probabilities`` arrays."""
+    with Path(path).open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise UsfmaeError(f"{path} holds no predictions; rerun the evaluation that wrote it")
+    prob_columns = [name for name in rows[0] if name.startswith("prob_")]
+    return {
+        "id": np.asarray([row["id"] for row in rows]),
+        "label": np.asarray([int(row["label"]) for row in rows]),
+        "prediction": np.asarray([int(row["prediction"]) for row in rows]),
+        "probabilities": np.asarray([[float(row[name]) for name in prob_columns] for row in rows]),
+    }
 
 
 def flatten_results(split: str, report: Mapping[str, Any]) -> dict[str, Any]:
@@ -121,7 +172,7 @@ def _confusion_png(report: Mapping[str, Any], label_names: Sequence[str], split:
     ConfusionMatrixDisplay(np.asarray(report["confusion_matrix"]), display_labels=list(label_names)).plot(
         ax=axes, colorbar=False, xticks_rotation=45
     )
-    axes.set_title(f"{split}: accuracy {report['accuracy']:.3f}, macro F1 {report['f1_macro']:.3f}")
+    axes.set_title(f"{split}: {report['headline']}", wrap=True)
     return _png(figure)
 
 

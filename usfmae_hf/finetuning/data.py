@@ -29,7 +29,13 @@ def _transform(image_transform: Callable, train: bool) -> Callable[[dict[str, li
 
 
 def with_transforms(dataset, *, image_size: int, augment: str | None):
-    """Attach on-the-fly transforms: ``augment`` recipe (or none) on train, USF-MAE's eval transform elsewhere."""
+    """Attach on-the-fly transforms: ``augment`` recipe (or none) on train, USF-MAE's eval transform elsewhere.
+
+    Evaluation keeps USF-MAE's square resize whatever the training recipe, MAE's included (MAE evaluates a
+    bicubic resize of the short side to ``S / 0.875`` and a centre crop): it is the transform of the image
+    processor saved with the model, so the reported metrics are those ``pipeline()`` and ``usfmae predict``
+    reproduce, and no part of the scan area is cropped away.
+    """
     from datasets import DatasetDict
 
     from usfmae_hf.image.augment import build_eval_transform, build_train_transform

@@ -47,6 +47,7 @@ def build_classifier(
     recipe: mean of patch tokens, ``fc_norm``, final norm dropped, drop-path ``drop_path_rate``).
     A head already present in the directory is replaced (its shape or labels would not match).
     """
+    import torch  # fp32 training weights even from a directory stored in fp16 / bf16 (usfmae convert --dtype)
     from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
     if head not in HEADS:
@@ -67,11 +68,13 @@ def build_classifier(
             raise ValueError("drop-path is only implemented for the 'mean' head (stock ViT layers have none)")
         with quiet_loading_report():  # the decoder is unused and the new head is expected to be missing
             return ViTForImageClassification.from_pretrained(
-                model_name_or_path, config=vit_config, ignore_mismatched_sizes=True
+                model_name_or_path, config=vit_config, ignore_mismatched_sizes=True, dtype=torch.float32
             )
 
     with quiet_loading_report():
-        encoder = ViTModel.from_pretrained(model_name_or_path, config=vit_config, add_pooling_layer=False)
+        encoder = ViTModel.from_pretrained(
+            model_name_or_path, config=vit_config, add_pooling_layer=False, dtype=torch.float32
+        )
     config = UsfmaeClassifierConfig(**fields, drop_path_rate=drop_path_rate)
     model = UsfmaeForImageClassification(config)
     encoder_state = {key: value for key, value in encoder.state_dict().items() if not key.startswith("layernorm.")}

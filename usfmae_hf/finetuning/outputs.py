@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainingArguments
+from transformers import TrainerState, TrainingArguments
 
 from usfmae_hf.errors import UsfmaeError
 
@@ -30,22 +30,25 @@ def write_card(
     recipe: Mapping[str, Any],
     results: Sequence[Mapping[str, Any]],
     training_args: TrainingArguments,
+    state: TrainerState,
     evaluation_notes: str,
 ) -> None:
-    """Write the run's model card (``README.md``) with its hyperparameters and ``model-index`` results."""
+    """Write the run's model card (``README.md``): the initial weights (``model_name_or_path``, named by the card),
+    hyperparameters, the optimizer steps and epochs actually run (``state``, i.e. ``trainer.state``: with
+    ``--max_steps`` they are not ``--num_train_epochs``) and ``model-index`` results."""
     from usfmae_hf.publishing.cards import render_model_card
 
     hyperparameters = {key: value for key, value in recipe.items() if value is not None}
     hyperparameters.update(
-        epochs=training_args.num_train_epochs,
-        max_steps=training_args.max_steps,
+        optimizer_steps_run=state.global_step,
+        epochs_run=round(state.epoch or 0.0, 2),
         per_device_train_batch_size=training_args.per_device_train_batch_size,
         seed=training_args.seed,
     )
     card = render_model_card(
         kind,
         config=model.config,
-        base_model=model_name_or_path if not Path(model_name_or_path).exists() else None,
+        initialised_from=model_name_or_path,
         results=results,
         repo_id=training_args.hub_model_id,
         extra={"training": hyperparameters, "evaluation_notes": evaluation_notes},

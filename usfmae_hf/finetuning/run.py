@@ -14,7 +14,8 @@ from typing import Any
 from transformers import TrainingArguments
 
 from usfmae_hf.errors import UsfmaeError
-from usfmae_hf.evaluation.reporting import card_results, evaluate_split, flatten_results, write_results
+from usfmae_hf.evaluation.reporting import CARD_METRICS, card_results, evaluate_split, flatten_results, write_results
+from usfmae_hf.finetuning.checks import check_class_folders, check_training_arguments, prepare_output_dir
 from usfmae_hf.finetuning.data import (
     EVAL_SPLITS,
     TASKS,
@@ -31,16 +32,20 @@ from usfmae_hf.finetuning.recipe import (
     MAE_PRESET,
     ClassificationCollator,
     ClassificationLoss,
+    MaeSchedule,
     UsfmaeTrainer,
     apply_training_preset,
     balanced_class_weights,
+    resolve_lr_schedule,
     resolve_options,
 )
+from usfmae_hf.finetuning.summary import StartSummary, print_end_summary
 
 logger = logging.getLogger(__name__)
 
+PROG = "finetune_classification"
 RECIPES = ("none", "mae")
-AUGMENTS = ("usfmae", "mae", "none")
+AUGMENTS = ("usfmae", "mae", "mae_finetune", "none")
 
 
 @dataclass
@@ -61,9 +66,9 @@ class ModelArguments:
     recipe: str = field(
         default="none",
         metadata={
-            "help": "Preset filling every option left unset: 'mae' = original MAE fine-tuning (mean head, "
-            "blr 5e-4, layer decay 0.65, drop-path 0.1, label smoothing 0.1, mixup 0.8, cutmix 1.0, weight decay "
-            "0.05, warmup over 0.05 of the steps, mae augmentation).",
+            "help": "Preset filling every option left unset: 'mae' = original MAE fine-tuning, main_finetune.py "
+            "(mean head, blr 5e-4, layer decay 0.65, drop-path 0.1, label smoothing 0.1, mixup 0.8, cutmix 1.0, "
+            "weight decay 0.05, per-step warmup over 5 epochs then cosine to 1e-6, mae_finetune augmentation).",
             "choices": list(RECIPES),
         },
     )
@@ -71,8 +76,10 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "Training augmentation: usfmae (resize, rotation 0-90, flips, RandomResizedCrop 0.5-2.0), "
-            "mae (RandomResizedCrop 0.2-1 bicubic + flip) or none. Unset: the --recipe preset's (mae for "
-            "'mae'), else usfmae.",
+            "mae (MAE pretraining's RandomResizedCrop 0.2-1 bicubic + flip), mae_finetune (MAE fine-tuning's, "
+            "timm: RandomResizedCrop 0.08-1 bicubic, flip, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25) "
+            "or none. Unset: the --recipe preset's (mae_finetune for 'mae'), else usfmae. Evaluation always uses "
+            "USF-MAE's square resize, the saved processor's transform.",
             "choices": list(AUGMENTS),
         },
     )
@@ -80,6 +87,21 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "Base learning rate: sets learning_rate = blr * effective batch / 256 (overrides --learning_rate)."
+        },
+    )
+    warmup_epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": "MAE's schedule: linear warmup over this many epochs, set every step at the fractional epoch, "
+            "then a half-cycle cosine to --min_lr (replaces --lr_scheduler_type / --warmup_steps). Preset "
+            "'mae': 5."
+        },
+    )
+    min_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "End of MAE's cosine (scaled by layer decay like every group's lr); giving it alone selects "
+            "MAE's schedule with 5 warmup epochs. Preset 'mae': 1e-6."
         },
     )
     layer_decay: float | None = field(
@@ -141,17 +163,31 @@ class DataArguments:
             "the folder holding --train_dir)."
         },
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start over in an --output_dir holding a previous run: its outputs (model, card, results, "
+            "per-split files, checkpoint-N, merged/) are removed first; other files stay. Without it such a folder "
+            "is refused unless --resume_from_checkpoint is given."
+        },
+    )
 
     def source(self) -> dict[str, Any]:
         """The keyword arguments of :func:`~usfmae_hf.finetuning.data.load_labelled_images`."""
-        return {
-            key: value for key, value in asdict(self).items() if key not in ("skip_unreadable", "card_dataset_name")
-        }
+        run_options = ("skip_unreadable", "card_dataset_name", "overwrite_output_dir")
+        return {key: value for key, value in asdict(self).items() if key not in run_options}
 
 
 def resolve_recipe(model_args: ModelArguments, training_args: TrainingArguments) -> dict[str, Any]:
-    """Fill unset options from the preset; return the effective recipe (also applied to ``training_args``)."""
+    """Fill unset options from the preset; return the effective recipe (also applied to ``training_args``).
+
+    ``recipe["lr_schedule"]`` is "mae" (then ``warmup_epochs`` and ``min_lr`` are set, see
+    :func:`lr_schedule_of`) or the Trainer's ``lr_scheduler_type``.
+    """
     preset = MAE_PRESET if model_args.recipe == "mae" else {}
+    schedule = resolve_lr_schedule(
+        {"warmup_epochs": model_args.warmup_epochs, "min_lr": model_args.min_lr}, preset, training_args
+    )
     options = resolve_options(
         model_args,
         {
@@ -177,9 +213,19 @@ def resolve_recipe(model_args: ModelArguments, training_args: TrainingArguments)
     options.update(
         learning_rate=training_args.learning_rate,
         weight_decay=training_args.weight_decay,
+        lr_schedule="mae" if schedule else str(training_args.lr_scheduler_type.value),
+        warmup_epochs=schedule.warmup_epochs if schedule else None,
+        min_lr=schedule.min_lr if schedule else None,
         class_weighted_loss=model_args.class_weighted_loss,
     )
     return options
+
+
+def lr_schedule_of(recipe: dict[str, Any]) -> MaeSchedule | None:
+    """The :class:`MaeSchedule` of a resolved recipe, None for the Trainer's own scheduler."""
+    if recipe["lr_schedule"] != "mae":
+        return None
+    return MaeSchedule(warmup_epochs=recipe["warmup_epochs"], min_lr=recipe["min_lr"])
 
 
 def run_finetuning(
@@ -204,9 +250,16 @@ def run_finetuning(
     from usfmae_hf.image.processor import build_image_processor
 
     set_seed(training_args.seed)
+    check_training_arguments(training_args)
     peft_args = peft_args or PeftArguments()
     recipe = resolve_recipe(model_args, training_args)
     recipe.update(peft_args.options())
+    check_class_folders(
+        {"train": data_args.train_dir, "validation": data_args.validation_dir, "test": data_args.test_dir}
+    )
+    removed = prepare_output_dir(training_args, overwrite=data_args.overwrite_output_dir)
+    if removed:
+        print(f"{PROG}: removed the previous run's {', '.join(removed)} from {training_args.output_dir}")
     dataset = drop_unreadable(load_labelled_images(**data_args.source()), skip=data_args.skip_unreadable)
     label_names = check_labels(dataset)
     if training_args.eval_strategy != "no" and "validation" not in dataset:
@@ -237,6 +290,8 @@ def run_finetuning(
         compute_metrics=compute_metrics,
         compute_loss_func=ClassificationLoss(label_smoothing=recipe["label_smoothing"], class_weights=class_weights),
         layer_decay=recipe["layer_decay"],
+        lr_schedule=lr_schedule_of(recipe),
+        callbacks=[StartSummary(PROG, recipe, {split: len(rows) for split, rows in dataset.items()})],
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
@@ -270,11 +325,21 @@ def run_finetuning(
             recipe=recipe,
             results=card_results(reports, _dataset_label(data_args)),
             training_args=training_args,
+            state=trainer.state,
             evaluation_notes="Metrics computed after training on each split with the packaged "
             "`ultrasound_classification` metric (scikit-learn).",
         )
         if push:
             push_output(training_args)
+        print_end_summary(
+            PROG,
+            results,
+            metrics=CARD_METRICS,
+            splits=list(reports),
+            steps=trainer.state.global_step,
+            output_dir=training_args.output_dir,
+            pushed_to=training_args.hub_model_id if push else None,
+        )
     return results
 
 
@@ -298,7 +363,7 @@ def main(
     return run_from_command_line(
         (ModelArguments, DataArguments, TrainingArguments, PeftArguments),
         run_finetuning,
-        prog="finetune_classification",
+        prog=PROG,
         description=description,
         argv=argv,
     )

@@ -17,6 +17,7 @@ import numpy as np
 from transformers import TrainingArguments
 
 from usfmae_hf.errors import UsfmaeError
+from usfmae_hf.finetuning.checks import prepare_output_dir
 from usfmae_hf.finetuning.outputs import dataset_label, push_output, write_card, write_training_arguments
 from usfmae_hf.finetuning.parameter_efficient import PeftArguments, export_merged_model, prepare_model
 from usfmae_hf.finetuning.recipe import (
@@ -27,9 +28,11 @@ from usfmae_hf.finetuning.recipe import (
     resolve_options,
 )
 from usfmae_hf.finetuning.segmentation_loss import LOSSES, SegmentationLoss
+from usfmae_hf.finetuning.summary import StartSummary, print_end_summary
 
 logger = logging.getLogger(__name__)
 
+PROG = "finetune_segmentation"
 RECIPES = ("none", "mae")
 AUGMENTS = ("usfmae", "mae", "none")
 EVAL_SPLITS = ("validation", "test")
@@ -133,6 +136,14 @@ class SegmentationDataArguments:
         default=None,
         metadata={"help": "Dataset name in the model card (default: the task's, --dataset_name, or the folder name)."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start over in an --output_dir that holds a previous run: remove what a fine-tuning run writes "
+            "there (other files stay). Without it such a folder is refused (or resume with "
+            "--resume_from_checkpoint latest)."
+        },
+    )
 
     def source(self) -> dict[str, Any]:
         """The keyword arguments of :func:`~usfmae_hf.evaluation.segmentation_data.load_segmentation_images`."""
@@ -220,6 +231,7 @@ def run_segmentation(
     peft_args = peft_args or PeftArguments()
     recipe = resolve_segmentation_recipe(model_args, training_args)
     recipe.update(peft_args.options())
+    prepare_output_dir(training_args, overwrite=data_args.overwrite_output_dir)
     dataset = load_segmentation_images(**data_args.source())
     label_names = list(dataset["train"].features["classes"].feature.names)
     if training_args.eval_strategy != "no" and "validation" not in dataset:
@@ -256,6 +268,7 @@ def run_segmentation(
             recipe["loss"], class_weights=class_weights, dice_weight=model_args.dice_weight
         ),
         layer_decay=recipe["layer_decay"],
+        callbacks=[StartSummary(PROG, recipe, {split: len(rows) for split, rows in dataset.items()})],
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
@@ -268,7 +281,11 @@ def run_segmentation(
             instances = bool(data_args.task and data_args.task.startswith("mmotu"))
         reports = _evaluate_splits(trainer.model, processor, dataset, label_names, data_args, training_args, instances)
         from usfmae_hf.evaluation.reporting import write_results
-        from usfmae_hf.evaluation.segmentation_reporting import flat_segmentation_results, segmentation_card_results
+        from usfmae_hf.evaluation.segmentation_reporting import (
+            SEGMENTATION_CARD_METRICS,
+            flat_segmentation_results,
+            segmentation_card_results,
+        )
 
         for split, report in reports.items():
             results.update(flat_segmentation_results(split, report))
@@ -292,12 +309,22 @@ def run_segmentation(
                 ),
             ),
             training_args=training_args,
+            state=trainer.state,
             evaluation_notes="Metrics computed after training on each split at every image's own size (logits "
             "resized bilinearly, masks as stored), with the packaged `ultrasound_segmentation` metric: mean "
             "foreground Dice and IoU over images, HD95 from surface distances (scipy).",
         )
         if push:
             push_output(training_args)
+        print_end_summary(
+            PROG,
+            results,
+            metrics=SEGMENTATION_CARD_METRICS,
+            splits=list(reports),
+            steps=trainer.state.global_step,
+            output_dir=training_args.output_dir,
+            pushed_to=training_args.hub_model_id if push else None,
+        )
     trainer.accelerator.wait_for_everyone()
     return results
 
@@ -353,7 +380,7 @@ def main(
     return run_from_command_line(
         (SegmentationModelArguments, SegmentationDataArguments, TrainingArguments, PeftArguments),
         run_segmentation,
-        prog="finetune_segmentation",
+        prog=PROG,
         description=description,
         argv=argv,
     )

@@ -15,6 +15,12 @@ the image, and falls back to the whole image (for aspect ratios within 3/4..4/3)
 inputs a crop therefore covers 50-100% of the image, and the whole image is used whenever all
 10 draws land above 100%.
 
+``mae_finetune`` is the training transform of MAE's fine-tuning (``main_finetune.py`` through
+``util/datasets.build_transform``), built by timm's own ``create_transform`` as MAE's code builds it:
+``RandomResizedCrop(S, scale=(0.08, 1), bicubic)``, horizontal flip, RandAugment
+``rand-m9-mstd0.5-inc1``, normalisation, ``RandomErasing(0.25, "pixel")``. It works on PIL images
+(tensors are converted to 8-bit PIL first) and has no joint (segmentation) or split form.
+
 :func:`build_segmentation_transform` applies the same recipes jointly to an image and its label
 mask: one set of random parameters per call for both, the image resampled as above, the mask by
 nearest neighbour on the same pixel-centre grid (so no new label values appear), rotated-in corners
@@ -28,15 +34,17 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from usfmae_hf.image.processor import IMAGENET_MEAN, IMAGENET_STD
 
-Recipe = Literal["usfmae", "mae"]
-RECIPES: tuple[str, ...] = ("usfmae", "mae")
+Recipe = Literal["usfmae", "mae", "mae_finetune"]
+RECIPES: tuple[str, ...] = ("usfmae", "mae", "mae_finetune")
+#: the recipes made of torchvision geometric ops only: they have joint (image + mask) and split forms
+GEOMETRIC_RECIPES: tuple[str, ...] = ("usfmae", "mae")
 
 
 class ToRGB(torch.nn.Module):
@@ -132,6 +140,8 @@ def _recipe_stages(recipe: str, image_size: int) -> tuple[list[torch.nn.Module],
     elif recipe == "mae":
         to_fixed = [v2.RandomResizedCrop(image_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC)]
         at_fixed = [v2.RandomHorizontalFlip(0.5)]
+    elif recipe in RECIPES:
+        raise ValueError(f"recipe {recipe!r} has no joint or split form; choose one of {', '.join(GEOMETRIC_RECIPES)}")
     else:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     return to_fixed, at_fixed
@@ -142,10 +152,67 @@ def build_train_transform(recipe: Recipe = "usfmae", image_size: int = 224) -> v
 
     ``usfmae``: RGB, ``Resize((S, S), NEAREST)``, ``RandomRotation((0, 90))``, horizontal and vertical
     flips (p=0.5), ``RandomResizedCrop(S, scale=(0.5, 2.0))``, ImageNet normalisation.
-    ``mae``: RGB, ``RandomResizedCrop(S, scale=(0.2, 1.0), bicubic)``, horizontal flip, normalisation.
+    ``mae``: RGB, ``RandomResizedCrop(S, scale=(0.2, 1.0), bicubic)``, horizontal flip, normalisation
+    (MAE's pretraining augmentation). ``mae_finetune``: see :func:`build_mae_finetune_transform`.
     """
+    if recipe == "mae_finetune":
+        return build_mae_finetune_transform(image_size)
     to_fixed, at_fixed = _recipe_stages(recipe, image_size)
     return v2.Compose([ToRGB(), *to_fixed, *at_fixed, v2.ToImage(), RescaleNormalize()])
+
+
+class ToPIL(torch.nn.Module):
+    """Pass PIL images through; make ``3 x H x W`` tensors (uint8, or float in [0, 1]) 8-bit RGB PIL images."""
+
+    def forward(self, image: Image.Image | torch.Tensor) -> Image.Image:
+        if isinstance(image, Image.Image):
+            return image
+        return F.to_pil_image(image.as_subclass(torch.Tensor), mode="RGB")
+
+
+def build_mae_finetune_transform(image_size: int = 224) -> v2.Compose:
+    """MAE's fine-tuning training transform: RGB, then timm's ``create_transform`` with MAE's arguments.
+
+    The arguments are ``main_finetune.py``'s defaults as ``util/datasets.build_transform`` passes them
+    (``color_jitter=None``, ``auto_augment="rand-m9-mstd0.5-inc1"``, bicubic, ``re_prob=0.25``,
+    ``re_mode="pixel"``, ``re_count=1``, ImageNet mean and std): a bicubic ``RandomResizedCrop(S,
+    scale=(0.08, 1.0))``, horizontal flip, RandAugment (2 ops, magnitude 9 +- 0.5), to tensor, normalise,
+    and random erasing of one box with per-pixel normal noise in a quarter of the images. timm draws from
+    Python's ``random`` and torch's generators. Any image input: RGB as :class:`ToRGB`, tensors converted to
+    8-bit PIL images first (timm's ops work on PIL images).
+    Pillow 13 refuses ``ImageOps.posterize(image, 0)``, which timm's RandAugment asks for when a magnitude
+    draw reaches 10 (about 0.15% of images; the run would stop with ``bits must be between ... 1 and 8``): the
+    posterize ops here keep 0 bits as the Pillow of MAE's time did, giving a black image (see
+    :func:`_posterize`), and equal timm's otherwise.
+    """
+    from timm.data import auto_augment, create_transform
+
+    timm_transform = create_transform(
+        input_size=image_size,
+        is_training=True,
+        color_jitter=None,
+        auto_augment="rand-m9-mstd0.5-inc1",
+        interpolation="bicubic",
+        re_prob=0.25,
+        re_mode="pixel",
+        re_count=1,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
+    for transform in timm_transform.transforms:
+        for op in getattr(transform, "ops", ()):
+            if op.aug_fn is auto_augment.posterize:
+                op.aug_fn = _posterize
+    return v2.Compose([ToRGB(), ToPIL(), timm_transform])
+
+
+def _posterize(image: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's ``posterize``, with 0 bits kept giving the black image Pillow computed before it refused 0."""
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits_to_keep)
 
 
 def build_split_train_transform(recipe: Recipe = "usfmae", image_size: int = 224) -> tuple[v2.Compose, PerSample]:

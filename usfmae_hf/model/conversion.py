@@ -10,8 +10,11 @@ card, atomically. ``export_original`` writes the original layout back (``qkv`` m
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -34,14 +37,22 @@ from usfmae_hf.model.directory import encoder_config, model_type
 from usfmae_hf.model.keys import current_to_legacy, current_to_original, is_decoder_key, original_to_current
 from usfmae_hf.model.loading import quiet_loading_report
 from usfmae_hf.model.reference_mae import ReferenceMAE
+from usfmae_hf.precision import DTYPES
+from usfmae_hf.publishing.cards import OFFICIAL_LICENSE, OFFICIAL_RELEASES, PROVENANCE_KEY
 from usfmae_hf.version import __version__
 
 logger = logging.getLogger(__name__)
 
 CONVERTER_VERSION = f"usfmae-hf {__version__}"
-PROVENANCE_KEY = "usfmae_provenance"  # config attribute holding where the weights came from
 DEFAULT_ATOL = 1e-5  # fp32 parity bound for encoder output, decoder prediction and loss
 OutputFormat = Literal["vitmae", "vit"]
+# Precision of the written weights: the source's own ("keep") or one of usfmae_hf.precision.DTYPES.
+STORAGE_DTYPES: tuple[str, ...] = ("keep", "fp32", "fp16", "bf16")
+# What the bundled image processor feeds a model: RGB, a grey frame copied to three channels (as USF-MAE).
+INPUT_CHANNELS = 3
+# The names usfmae_hf.atomic gives its staging (".tmp") and replaced (".old") outputs beside NAME:
+# ".NAME." + tempfile's 8 random characters + suffix.
+_LEFTOVER_SUFFIX = re.compile(r"[a-z0-9_]{8}\.(tmp|old)")
 
 
 @dataclass
@@ -64,6 +75,9 @@ def convert_checkpoint(
     overwrite: bool = False,
     verify: bool = True,
     atol: float = DEFAULT_ATOL,
+    declared_source: str | None = None,
+    license: str | None = None,  # noqa: A002 - the Hub metadata field's name
+    dtype: str = "fp32",
 ) -> ConversionResult:
     """Convert an original-layout MAE checkpoint into a Hugging Face model directory.
 
@@ -80,6 +94,14 @@ def convert_checkpoint(
         overwrite: replace an existing ``output_dir``.
         verify: compare with the independent reference implementation before writing.
         atol: largest accepted absolute difference in verification.
+        declared_source: an id of :data:`~usfmae_hf.publishing.cards.OFFICIAL_RELEASES`: the user
+            declares the file to be that official USF-MAE release. Recorded in the provenance; only
+            then does the model card state what the paper says about the official checkpoints.
+        license: Hub license id of the weights (default: the official releases' license for a
+            declared release, else ``"unknown"`` on the card).
+        dtype: precision of the written weights (config ``dtype``, which ``from_pretrained`` loads them
+            in): ``"fp32"`` (default), ``"fp16"``, ``"bf16"``, or ``"keep"`` the source's (one floating
+            dtype; fp16 / bf16 sources are then written bit for bit). Verification always runs in fp32.
 
     Raises:
         CheckpointError: unreadable, unsafe or non-MAE input.
@@ -91,31 +113,43 @@ def convert_checkpoint(
         raise ValueError(f"output_format must be 'vitmae' or 'vit', got {output_format!r}")
     if not 0.0 < float(mask_ratio) < 1.0:
         raise CheckpointError(f"mask ratio must be in (0, 1), got {mask_ratio}")
+    if declared_source is not None and declared_source not in OFFICIAL_RELEASES:
+        raise CheckpointError(
+            f"unknown official release {declared_source!r}; expected one of {', '.join(OFFICIAL_RELEASES)}"
+        )
+    recover_interrupted_output(output_dir)
     ensure_writable_output(output_dir, overwrite)
+
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
 
     checkpoint = load_original_checkpoint(checkpoint_path)
     source_dtypes = sorted({str(v.dtype) for v in checkpoint.state_dict.values() if v.is_floating_point()})
+    stored_dtype = _stored_dtype(dtype, source_dtypes, checkpoint.path)
     if source_dtypes != ["torch.float32"]:
-        # fp16 / bf16 / fp64 releases: verify and save in fp32 (the reference check runs in fp32).
+        # fp16 / bf16 / fp64 releases: the reference check runs in fp32 (fp16 and bf16 widen exactly).
         checkpoint.state_dict = {k: v.float() if v.is_floating_point() else v for k, v in checkpoint.state_dict.items()}
     arch = infer_vitmae_config_kwargs(
         checkpoint, num_attention_heads=num_attention_heads, decoder_num_attention_heads=decoder_num_attention_heads
     )
-    provenance = {
-        "source_file": checkpoint.path.name,
-        "source_sha256": checkpoint.sha256,
-        "layout": checkpoint.layout,
-        "converter_version": CONVERTER_VERSION,
-        "format": output_format,
-        "source_dtype": ", ".join(dtype.removeprefix("torch.") for dtype in source_dtypes),
-        **{f"source_{key}": value for key, value in checkpoint.extra.items()},
-    }
+    if arch["num_channels"] != INPUT_CHANNELS:
+        raise CheckpointError(
+            f"{checkpoint.path}: the patch embedding takes {arch['num_channels']}-channel input, but usfmae-hf models "
+            f"take {INPUT_CHANNELS}-channel RGB (grey frames copied to 3 channels, as in USF-MAE); not converted"
+        )
+    provenance = _provenance(checkpoint, output_format, source_dtypes, declared_source, license)
+    provenance["dtype"] = str(stored_dtype).removeprefix("torch.")
     config = _build_config(arch, output_format, checkpoint.has_decoder, norm_pix_loss, float(mask_ratio), provenance)
     model, prefix = _build_model_on_tensors(config, checkpoint, output_format)
 
     diffs: dict[str, float] = {}
     if verify:
         diffs = verify_against_reference(model, checkpoint, config, atol=atol)
+        provenance.update(verification="passed", verification_max_abs_diff=max(diffs.values()))
+    else:
+        provenance["verification"] = "skipped (--no-verify)"
+    setattr(config, PROVENANCE_KEY, provenance)  # now with the verification's outcome
+    config.dtype = stored_dtype
     if not checkpoint.has_decoder and output_format == "vitmae":
         logger.warning(
             "%s is encoder-only: wrote an encoder-only ViTMAEModel directory "
@@ -128,10 +162,82 @@ def convert_checkpoint(
         state_dict = model.state_dict()
         if output_format == "vit":
             state_dict |= identity_pooler(config.hidden_size)
+        state_dict = {key: value.to(stored_dtype) for key, value in state_dict.items()}
         save_legacy_safetensors(state_dict, staging / "model.safetensors", prefix=prefix)
         build_image_processor(config.image_size).save_pretrained(staging)
         _write_card(staging, config, provenance)
     return ConversionResult(output_dir, checkpoint.layout, config, diffs)
+
+
+def _stored_dtype(choice: str, source_dtypes: list[str], source: Path) -> torch.dtype:
+    """The dtype ``--dtype choice`` writes; ``keep`` needs a source with one floating dtype."""
+    if choice != "keep":
+        return DTYPES[choice]
+    if len(source_dtypes) != 1:
+        found = ", ".join(name.removeprefix("torch.") for name in source_dtypes) or "none"
+        raise CheckpointError(
+            f"{source}: --dtype keep needs one floating dtype in the checkpoint, found {found}; "
+            "pass --dtype fp32, fp16 or bf16"
+        )
+    return getattr(torch, source_dtypes[0].removeprefix("torch."))
+
+
+def recover_interrupted_output(output: str | os.PathLike) -> None:
+    """Clean up what an earlier run, killed while writing ``output`` atomically, left beside it.
+
+    :func:`~usfmae_hf.atomic.atomic_directory` builds the new output in ``.NAME.XXXXXXXX.tmp`` and, to
+    replace an old one, renames it to ``.NAME.XXXXXXXX.old``, renames the new one into place and deletes
+    the old; :func:`~usfmae_hf.atomic.atomic_file` writes ``.NAME.XXXXXXXX.tmp``. A run killed between the
+    two renames leaves no ``output``: the old one is renamed back, so ``output`` holds the old or the new
+    version. Then these leftovers, and only files and folders named so, are deleted. Two runs writing the
+    same output at once are not supported: the second would delete the first one's staging.
+    """
+    output = Path(output)
+    prefix = f".{output.name}."
+    if not output.parent.is_dir():
+        return
+    leftovers = [
+        path
+        for path in output.parent.iterdir()
+        if path.name.startswith(prefix) and _LEFTOVER_SUFFIX.fullmatch(path.name.removeprefix(prefix))
+    ]
+    backups = [path for path in leftovers if path.suffix == ".old" and path.is_dir()]
+    if backups and not os.path.lexists(output):
+        restored = max(backups, key=lambda path: path.stat().st_mtime)
+        restored.rename(output)
+        leftovers.remove(restored)
+        logger.warning("restored %s from %s, left by a run killed while replacing it", output, restored.name)
+    for path in leftovers:
+        logger.info("removing %s, left by an interrupted run", path)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _provenance(
+    checkpoint: OriginalCheckpoint,
+    output_format: str,
+    source_dtypes: list[str],
+    declared_source: str | None,
+    license: str | None,  # noqa: A002
+) -> dict:
+    """What the converted directory records about its source (config ``usfmae_provenance``, model card)."""
+    provenance = {
+        "source_file": checkpoint.path.name,
+        "source_sha256": checkpoint.sha256,
+        "layout": checkpoint.layout,
+        "converter_version": CONVERTER_VERSION,
+        "format": output_format,
+        "source_dtype": ", ".join(dtype.removeprefix("torch.") for dtype in source_dtypes),
+        **{f"source_{key}": value for key, value in checkpoint.extra.items()},
+    }
+    if declared_source is not None:
+        provenance["declared_source"] = declared_source
+    license = license or (OFFICIAL_LICENSE if declared_source else None)
+    if license:
+        provenance["license"] = license
+    return provenance
 
 
 def _build_config(
@@ -293,10 +399,16 @@ def save_legacy_safetensors(
 def save_vitmae_pretrained(
     model: ViTMAEForPreTraining | ViTMAEModel | ViTModel, output_dir: str | os.PathLike, *, image_processor=None
 ) -> Path:
-    """``save_pretrained`` replacement for (ViT)MAE models: config + legacy-named safetensors (+ processor)."""
+    """``save_pretrained`` replacement for (ViT)MAE models: config + legacy-named safetensors (+ processor).
+
+    The config's ``dtype`` is that of the weights written (a config inherited from an fp16 directory would
+    otherwise make ``from_pretrained`` load fp32 weights in fp16).
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(output_dir)
+    config = copy.deepcopy(model.config)
+    config.dtype = next(model.parameters()).dtype
+    config.save_pretrained(output_dir)
     prefix = "vit." if isinstance(model, ViTMAEForPreTraining) else ""
     state_dict = {k: v for k, v in model.state_dict().items() if not k.startswith("pooler.")}
     save_legacy_safetensors(state_dict, output_dir / "model.safetensors", prefix=prefix)
@@ -312,28 +424,49 @@ def _write_card(directory: Path, config: PretrainedConfig, provenance: dict) -> 
     render_model_card(kind, config=config, provenance=provenance).save(directory / "README.md")
 
 
-def export_original(model_dir: str | os.PathLike, output_file: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def export_original(
+    model_dir: str | os.PathLike,
+    output_file: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    encoder_only: bool = False,
+) -> Path:
     """Write a converted directory back as an original MAE state dict (``qkv`` merged), atomically.
 
     Only weights the directory actually holds are exported: a directory without decoder weights
     gives an encoder-only file. Converting the result again reproduces the directory's tensors.
+
+    Args:
+        model_dir: a ``vit_mae`` or ``vit`` directory (as ``usfmae convert`` writes).
+        output_file: the ``.pth`` file to write.
+        overwrite: replace an existing ``output_file``.
+        encoder_only: leave out the decoder and mask token. The file then holds exactly the keys of
+            timm's ``VisionTransformer`` (``vit_base_patch16_224`` for USF-MAE's ViT-B), which loads it
+            with ``strict=True`` when built with ``num_classes=0``: its output is the CLS token after
+            the final LayerNorm, the features :func:`usfmae_hf.inference.extract_features` gives.
     """
     model_dir, output_file = Path(model_dir), Path(output_file)
+    recover_interrupted_output(output_file)
     ensure_writable_output(output_file, overwrite)  # checked before the (slow) model load, too
     weights = model_dir / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{model_dir}: no model.safetensors (is this a converted model directory?)")
     with safe_open(weights, framework="pt") as handle:
-        has_decoder = any(key.startswith("decoder.") for key in handle.keys())
+        has_decoder = not encoder_only and any(key.startswith("decoder.") for key in handle.keys())
     model_type(model_dir)  # a clear error for anything but a vit_mae or vit directory
     config = AutoConfig.from_pretrained(model_dir)
     if isinstance(config, ViTMAEConfig) and has_decoder:
-        model, prefix = ViTMAEForPreTraining.from_pretrained(model_dir), "vit."
+        model_cls, prefix, kwargs = ViTMAEForPreTraining, "vit.", {}
     elif isinstance(config, ViTMAEConfig):
-        model, prefix = ViTMAEModel.from_pretrained(model_dir), ""
+        model_cls, prefix, kwargs = ViTMAEModel, "", {}
     else:
-        with quiet_loading_report():  # the identity pooler is not part of the original layout
-            model, prefix = ViTModel.from_pretrained(model_dir, add_pooling_layer=False), ""
+        model_cls, prefix, kwargs = ViTModel, "", {"add_pooling_layer": False}
+    # Decoder weights left unused by ViTMAEModel and the identity pooler of a vit directory are expected
+    # leftovers (neither is part of the exported layout); a missing weight is an error, not a random init.
+    with quiet_loading_report():
+        model, info = model_cls.from_pretrained(model_dir, output_loading_info=True, **kwargs)
+    if info["missing_keys"]:
+        raise CheckpointError(f"{model_dir}: weights missing: {', '.join(sorted(info['missing_keys'])[:5])}")
     state_dict = current_to_original(model.state_dict(), prefix=prefix)
     validate_mae_state_dict(state_dict, encoder_only=not has_decoder, source=str(model_dir))
     # torch.save on a path names the zip archive's root folder after the (temporary, random) file

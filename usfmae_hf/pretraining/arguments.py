@@ -7,19 +7,15 @@ Every recipe-governed field defaults to ``None`` and is filled from the chosen `
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from usfmae_hf.errors import UsfmaeError
 
-#: Default DataLoader workers: at most the CPUs this process may use minus one (the training loop
-#: needs a core), and at most 4. On a 2-core machine 4 workers ran 4x slower than none.
-DEFAULT_NUM_WORKERS = min(4, max(0, len(os.sched_getaffinity(0)) - 1))
-
 # The two published recipes. USF-MAE: AdamW with torch's default betas, 10% warmup, cosine to 1e-5,
 # grad-clip 1.0, bf16, 100 epochs, pixel loss without per-patch normalisation, USF-MAE's augmentations.
 # MAE: betas (0.9, 0.95), 40 of 800 epochs warmup, cosine to 0, no clipping, fp16 AMP, norm_pix_loss, crop+flip.
+# A recipe's precision is used where the hardware is fast at it, else the ``auto`` choice (environment.py).
 RECIPES: dict[str, dict[str, Any]] = {
     "usfmae": dict(
         augmentation="usfmae",
@@ -97,11 +93,11 @@ class DataArguments:
     max_bad_fraction: float = field(
         default=0.01, metadata={"help": "Fail when more than this fraction of samples cannot be decoded."}
     )
-    dataloader_num_workers: int = field(
-        default=DEFAULT_NUM_WORKERS,
+    dataloader_num_workers: int | None = field(
+        default=None,
         metadata={
-            "help": "DataLoader worker processes per process (default: available CPUs minus one, at most 4; "
-            f"{DEFAULT_NUM_WORKERS} here)."
+            "help": "DataLoader worker processes per process (default: training on a GPU, available CPUs minus one, "
+            "at most 4; on CPUs, none below 8 CPUs, else one per 8 CPUs, at most 4)."
         },
     )
     augment_on_device: bool = field(
@@ -115,6 +111,10 @@ class PretrainingArguments:
     """Optimisation, schedule, checkpointing and logging."""
 
     output_dir: str = field(metadata={"help": "Run directory: log.jsonl, checkpoints, final/ model, plots."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over in an --output_dir that holds a run: remove its checkpoints, log and outputs."},
+    )
     recipe: Literal["usfmae", "mae"] = field(
         default="usfmae",
         metadata={
@@ -151,9 +151,13 @@ class PretrainingArguments:
     max_grad_norm: float | None = field(
         default=None, metadata={"help": "Gradient clipping norm; 0 disables (recipe: 1.0 / 0)."}
     )
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+    mixed_precision: Literal["auto", "no", "fp32", "bf16", "fp16"] | None = field(
         default=None,
-        metadata={"help": "Autocast precision (recipe: bf16 / fp16, used only when CUDA is available)."},
+        metadata={
+            "help": "Autocast precision: auto (bf16 where the hardware is fast at it: a CUDA GPU of compute "
+            "capability 8.0+ or a CPU with AMX / AVX-512 BF16; else fp32), bf16, fp16 (CUDA only), fp32 (or no). "
+            "Recipe: bf16 / fp16 where fast, else auto."
+        },
     )
     torch_compile: bool = field(default=False, metadata={"help": "Compile the model with torch.compile (inductor)."})
     logging_steps: int = field(
@@ -177,19 +181,16 @@ class PretrainingArguments:
     )
 
 
-def apply_recipe(model_args: ModelArguments, training_args: PretrainingArguments, *, cuda_available: bool) -> list[str]:
-    """Fill every ``None`` recipe field in place; return notes on choices made for this machine."""
-    notes = []
+def apply_recipe(model_args: ModelArguments, training_args: PretrainingArguments) -> set[str]:
+    """Fill every ``None`` recipe field in place; return the names of the fields filled."""
     preset = RECIPES[training_args.recipe]
-    mixed_precision_given = training_args.mixed_precision is not None
+    filled = set()
     for args in (model_args, training_args):
         for item in dataclasses.fields(args):
             if item.name in preset and getattr(args, item.name) is None:
                 setattr(args, item.name, preset[item.name])
-    if not mixed_precision_given and training_args.mixed_precision != "no" and not cuda_available:
-        notes.append(f"recipe precision {training_args.mixed_precision} needs CUDA; training in fp32")
-        training_args.mixed_precision = "no"
-    return notes
+                filled.add(item.name)
+    return filled
 
 
 def validate_arguments(
@@ -205,6 +206,8 @@ def validate_arguments(
         raise UsfmaeError("--streaming needs --max_steps (a stream has no length)")
     if data_args.streaming and data_args.train_dir:
         raise UsfmaeError("--streaming applies to --dataset_dir / --dataset_name, not --train_dir")
+    if data_args.dataloader_num_workers is not None and data_args.dataloader_num_workers < 0:
+        raise UsfmaeError("--dataloader_num_workers must be >= 0")
     if not 0.0 <= data_args.max_bad_fraction <= 1.0:
         raise UsfmaeError(f"--max_bad_fraction must be in [0, 1], got {data_args.max_bad_fraction}")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):

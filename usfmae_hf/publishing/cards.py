@@ -4,17 +4,27 @@ The cards are Jinja templates in :mod:`usfmae_hf.publishing.templates` rendered 
 :meth:`huggingface_hub.ModelCard.from_template`; this module fills their metadata (``license``,
 ``library_name``, ``pipeline_tag``, ``base_model``, ``datasets``, ``tags``, ``model-index``) and
 the facts the text needs (architecture, provenance, training data, results).
+
+A card states only what the package knows: the source file and its SHA-256, the detected layout, the
+initial weights of a training run, the metadata it is given. What the USF-MAE paper says about the
+official checkpoints (the OpenUS-46 pretraining corpus, the downstream F1 scores) is stated as this
+model's only when its weights are, or start from, a file declared at conversion to be an official
+release (:data:`OFFICIAL_RELEASES`, ``usfmae convert --source``); otherwise it is labelled as the
+paper's, or left out.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 from collections.abc import Mapping, Sequence
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from usfmae_hf.errors import UsfmaeError
-from usfmae_hf.ingest.catalogue import load_catalogue
 from usfmae_hf.version import __version__
 
 if TYPE_CHECKING:
@@ -62,12 +72,31 @@ PAPER_RESULTS = [
     {"dataset": "GIST514-DB", "task": "GIST vs leiomyoma (endoscopic US)", "f1": 82.4},
 ]
 
+# The official USF-MAE checkpoints (published with REFERENCE_REPOSITORY), by the id that
+# ``usfmae convert --source`` declares.
+OFFICIAL_RELEASES: dict[str, dict[str, Any]] = {
+    "usf-mae-100ep": {"id": "usf-mae-100ep", "title": "100-epoch checkpoint (the recommended one)", "epochs": 100},
+    "usf-mae-500ep": {"id": "usf-mae-500ep", "title": "500-epoch checkpoint", "epochs": 500},
+}
+# The reference repository's license, under which it publishes the official checkpoints.
+OFFICIAL_LICENSE = "mit"
+# The Hub's license id for "not known".
+UNKNOWN_LICENSE = "unknown"
+# Config attribute in which ``usfmae convert`` records where the weights came from.
+PROVENANCE_KEY = "usfmae_provenance"
+
 PROVENANCE_LABELS = {
     "source_file": "Source checkpoint",
     "source_sha256": "Source SHA-256",
+    "declared_source": "Declared release",
     "layout": "Detected checkpoint layout",
+    "source_dtype": "Source dtype",
+    "dtype": "Stored dtype",
     "converter_version": "Converter version",
     "format": "Output format",
+    "verification": "Verification",
+    "verification_max_abs_diff": "Largest difference to the reference",
+    "license": "License",
 }
 CHECKPOINT_LAYOUTS = {
     "state_dict": "bare state dict (as USF-MAE saves it)",
@@ -131,12 +160,64 @@ def _eval_results(results: Sequence[Mapping[str, Any]]) -> list[EvalResult]:
     return evals
 
 
+def official_release(provenance: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The :data:`OFFICIAL_RELEASES` entry that ``provenance`` declares (``declared_source``), if any."""
+    return OFFICIAL_RELEASES.get((provenance or {}).get("declared_source", ""))
+
+
+def _initial_weights(initialised_from: str | os.PathLike | None, base_model: str | None) -> dict[str, Any] | None:
+    """What is known about the weights a training run started from: a Hub id, or a local directory.
+
+    A local directory is named by the path given, the SHA-256 of its ``model.safetensors`` and the
+    conversion provenance its ``config.json`` records (if usfmae-hf converted it).
+    """
+    if initialised_from is None:
+        return {"name": base_model, "hub": True, "weights_sha256": None, "provenance": {}} if base_model else None
+    folder = Path(initialised_from)
+    if not folder.is_dir():
+        return {"name": str(initialised_from), "hub": True, "weights_sha256": None, "provenance": {}}
+    provenance: dict[str, Any] = {}
+    config_file = folder / "config.json"
+    if config_file.is_file():
+        try:
+            provenance = dict(json.loads(config_file.read_text(encoding="utf-8")).get(PROVENANCE_KEY) or {})
+        except (ValueError, AttributeError, TypeError):
+            provenance = {}
+    weights = folder / "model.safetensors"
+    weights_sha256 = None
+    if weights.is_file():
+        with open(weights, "rb") as handle:
+            weights_sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+    return {"name": str(initialised_from), "hub": False, "weights_sha256": weights_sha256, "provenance": provenance}
+
+
+def _license(explicit: str | None, provenance: Mapping[str, Any], init: Mapping[str, Any] | None) -> tuple[str, str]:
+    """The card's license id and where it comes from (a phrase for the card); ``unknown`` when not known.
+
+    Known means: given, or recorded at conversion, of this model or of the weights its training started from.
+    """
+    if explicit:
+        return explicit, "as declared by the publisher of this card"
+    recorded = provenance or (init or {}).get("provenance") or {}
+    if not recorded.get("license"):
+        return UNKNOWN_LICENSE, ""
+    if official_release(recorded) and recorded["license"] == OFFICIAL_LICENSE:
+        basis = "the license of the USF-MAE reference repository, which publishes the official checkpoints"
+    else:
+        basis = "as declared at conversion (`usfmae convert --license`)"
+    if not provenance:
+        basis += f"; recorded for the initial weights ({init['name']})"
+    return str(recorded["license"]), basis
+
+
 def render_model_card(
     kind: CardKind,
     *,
     config: PretrainedConfig | Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
     base_model: str | None = None,
+    initialised_from: str | os.PathLike | None = None,
+    license: str | None = None,  # noqa: A002 - the Hub metadata field's name
     results: Sequence[Mapping[str, Any]] | None = None,
     datasets: Sequence[str] | None = None,
     repo_id: str | None = None,
@@ -149,12 +230,20 @@ def render_model_card(
             (encoder-only ``ViTModel`` export), ``"classifier"`` (a fine-tuned image classifier) or
             ``"segmenter"`` (a fine-tuned ``DPTForSemanticSegmentation``).
         config: the model's ``PretrainedConfig`` (or its dict); its architecture fields and, for
-            classifiers, ``id2label`` are shown on the card.
-        provenance: where converted weights came from. Keys: ``source_file`` (file name),
+            classifiers and segmenters, ``id2label`` are shown on the card.
+        provenance: where *this* model's converted weights came from (what ``usfmae convert``
+            records in the config's ``usfmae_provenance``). Keys: ``source_file`` (file name),
             ``source_sha256``, ``layout`` (``"state_dict"``, ``"mae_checkpoint"`` or
-            ``"encoder_only"``), ``converter_version`` (default: ``"usfmae-hf <this version>"``);
-            further keys are listed as they are.
+            ``"encoder_only"``), ``declared_source`` (an :data:`OFFICIAL_RELEASES` id: the file was
+            declared to be that official release), ``license``, ``verification`` and
+            ``verification_max_abs_diff``, ``converter_version`` (default: ``"usfmae-hf <this
+            version>"``); further keys are listed as they are.
         base_model: Hub id of the model this one derives from (metadata ``base_model``).
+        initialised_from: the weights a training run started from: a Hub id (also the ``base_model``
+            metadata unless given) or a local model directory, which the card names by its path, the
+            SHA-256 of its weights and the conversion provenance its config records.
+        license: Hub license id; default: the one recorded at conversion (``usfmae convert --license``,
+            or the official releases' license), else that of the initial weights, else ``"unknown"``.
         results: results measured on *this* model, written to ``model-index`` and to the
             evaluation table. Each dict has ``task`` (Hub task type, e.g. ``"image-classification"``),
             ``dataset`` (display name, e.g. ``"BUS-BRA"``), ``metric`` (metric type, e.g. ``"f1"``,
@@ -173,6 +262,8 @@ def render_model_card(
     """
     from huggingface_hub import ModelCard, ModelCardData
 
+    from usfmae_hf.ingest.catalogue import load_catalogue
+
     if kind not in PIPELINE_TAGS:
         raise UsfmaeError(f"unknown model card kind {kind!r}; expected one of {', '.join(PIPELINE_TAGS)}")
     extra = dict(extra or {})
@@ -182,9 +273,24 @@ def render_model_card(
             f"unknown model card extra field(s) {', '.join(sorted(unknown))}; expected {', '.join(EXTRA_KEYS)}"
         )
 
+    provenance = dict(provenance or {})
+    if provenance:
+        provenance.setdefault("converter_version", f"usfmae-hf {__version__}")
+    init = None if provenance else _initial_weights(initialised_from, base_model)
+    if base_model is None and init and init["hub"]:
+        base_model = init["name"]
+    # The conversion behind these weights: this model's own, or that of the weights training started from.
+    conversion = provenance or (init or {}).get("provenance") or {}
+    source = (
+        {"file": conversion["source_file"], "sha256": conversion.get("source_sha256", "not recorded")}
+        if conversion.get("source_file")
+        else None
+    )
+    license_id, license_basis = _license(license, provenance, init)
+
     model_name = repo_id.split("/")[-1] if repo_id else DEFAULT_MODEL_NAMES[kind]
     card_data = ModelCardData(
-        license="mit",
+        license=license_id,
         library_name="transformers",
         pipeline_tag=PIPELINE_TAGS[kind],
         base_model=base_model,
@@ -194,9 +300,6 @@ def render_model_card(
         eval_results=_eval_results(results) if results else None,
     )
     config_dict = _config_dict(config)
-    provenance = dict(provenance or {})
-    if provenance:
-        provenance.setdefault("converter_version", f"usfmae-hf {__version__}")
     catalogue = load_catalogue()
     templates = resources.files("usfmae_hf.publishing.templates")
     return ModelCard.from_template(
@@ -212,11 +315,19 @@ def render_model_card(
         is_mae=config_dict.get("model_type") == "vit_mae",
         remote_code=bool(config_dict.get("auto_map")),
         id2label=config_dict.get("id2label") or {},
+        converted=bool(provenance),
+        release=official_release(conversion),
+        source=source,
+        init=init,
+        license_id=license_id,
+        license_basis=license_basis,
+        verified_max_abs_diff=provenance.get("verification_max_abs_diff"),
         provenance=[(PROVENANCE_LABELS.get(key, key), _cell(value)) for key, value in provenance.items()],
         layout_description=CHECKPOINT_LAYOUTS.get(provenance.get("layout", ""), ""),
         pretraining_datasets=[entry for entry in catalogue if not entry.held_out],
         held_out_datasets=[entry for entry in catalogue if entry.held_out],
         results=[dict(result) for result in results or []],
+        datasets=list(datasets or []),
         paper_results=PAPER_RESULTS,
         paper_title=PAPER_TITLE,
         paper_arxiv=PAPER_ARXIV,

@@ -9,10 +9,10 @@ from usfmae_hf.quickstart.runner import (
     ULTRASOUND_DICOMS,
     Quickstart,
     QuickstartSettings,
-    build_orientation_task,
     collect_ultrasound_dicoms,
     run_quickstart,
 )
+from usfmae_hf.quickstart.task import OrientationTask, build_orientation_task, check_task_leakage
 
 __all__ = [
     "NUM_STEPS",
@@ -21,7 +21,9 @@ __all__ = [
     "ULTRASOUND_DICOMS",
     "Quickstart",
     "QuickstartSettings",
+    "OrientationTask",
     "build_orientation_task",
+    "check_task_leakage",
     "collect_ultrasound_dicoms",
     "run_quickstart",
 ]

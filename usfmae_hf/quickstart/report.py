@@ -117,24 +117,70 @@ def write_report(path: Path, steps: Sequence[Step], results: Mapping[str, Any]) 
             f"![training curves]({_relative(out / 'pretrain' / 'training_curves.png', out)})",
             "",
         ]
+    difference = results["processor_difference"]
     lines += [
-        "## Features and reconstruction",
+        "## Loading back, features and reconstruction",
         "",
-        f"Features: `{_relative(results['features'], out)}`. Loaded back as {results.get('loaded', '?')}.",
+        f"Loaded back as {results['loaded']}: `usfmae_hf.image.processor.load_image_processor(dir)` gives USF-MAE's "
+        "exact transform (PIL resize, NEAREST); `AutoImageProcessor.from_pretrained(dir)` would give the default "
+        "torchvision backend, whose NEAREST picks other source pixels at non-integer scales. Measured on the first "
+        "frame of each file, default backend minus exact, in normalised units:",
+        "",
+        "| input size | max abs diff | mean abs diff | files differing |",
+        "|---|---|---|---|",
+        *(
+            f"| {size} px{' (this model)' if i == 0 else ' (USF-MAE)'} | {d['max']:.3f} | {d['mean']:.5f} | "
+            f"{d['images_differing']}/{len(results['dicoms'])} |"
+            for i, (size, d) in enumerate(difference.items())
+        ),
+        "",
+        "The package's commands and `usfmae_hf.inference.pipelines.pipeline(task, model=dir)` always use the exact "
+        "processor.",
+        "",
+        f"Features: `{_relative(results['features'], out)}`.",
         "",
         "![reconstruction](reconstruction.png)",
         "",
     ]
 
-    counts = results["task_counts"]
+    task = results["task"]
+    counts = task.counts
+    finetune_log = results["finetune_log"]
+    validation_scans = sum(entry["split"] == "validation" for entry in task.scans.values())
     lines += [
         "## Fine-tuning (upright vs flipped scans)",
         "",
         "The MAE-recipe head (mean of patch tokens, saved with its code) fine-tuned with the Trainer on a "
-        "labelled task built from the same real frames: each frame upright and flipped vertically, both "
-        "orientations of a frame in the same split; validation holds the last third of the cine clip and "
-        f"every second still image (train {sum(counts['train'].values())} images, "
-        f"validation {sum(counts['validation'].values())}).",
+        "labelled task built from the ingested (de-duplicated) frames: each frame upright and flipped vertically. "
+        "The split is by scan: files the ingest found sharing a frame's content (by pixel SHA-256 or perceptual "
+        "hash) are one scan, every frame of a cine belongs to its scan, and a whole scan goes to train or to "
+        "validation (largest first, about a third of the frames to validation). Validation therefore holds only "
+        "scans never seen in training: the accuracy measures transfer to other scans and vendors, not recall of "
+        f"training frames (train {sum(counts['train'].values())} images, validation "
+        f"{sum(counts['validation'].values())}).",
+        "",
+        "| scan | files | frames | split |",
+        "|---|---|---|---|",
+        *(
+            f"| {scan} | {', '.join(entry['files'])} | {entry['frames']} | {entry['split']} |"
+            for scan, entry in task.scans.items()
+        ),
+        "",
+        f"Leakage check (`usfmae_hf.evaluation.check_leakage`, scans and pixel SHA-256): {results['leakage']}.",
+        "",
+        *(
+            [
+                f"Training loss {finetune_log[0]['loss']:.3f} at step {finetune_log[0]['step']} -> "
+                f"{finetune_log[-1]['loss']:.3f} at step {finetune_log[-1]['step']}: how well the training scans are "
+                "fitted; the validation figures below say whether that transfers to unseen scans.",
+                "",
+            ]
+            if finetune_log
+            else []
+        ),
+        f"Read the figures with care: {validation_scans} validation scans give "
+        f"{sum(counts['validation'].values())} images, so one image moves the accuracy by "
+        f"{1 / max(1, sum(counts['validation'].values())):.3f}, and chance is 0.5.",
         "",
         *_metrics_table(results["finetune"]),
         "",

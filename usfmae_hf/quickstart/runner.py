@@ -9,11 +9,15 @@ the report prints:
    (``usfmae convert``) - the released USF-MAE weights cannot be downloaded here, so a small
    randomly initialised model of the same structure stands in for them;
 3. continue pretraining it with the Accelerate loop (``training/pretrain_mae.py``);
-4. load the result with ``AutoModel`` / ``AutoImageProcessor``;
+4. load the result with ``AutoModel`` and the exact (PIL-backend) image processor
+   (:func:`usfmae_hf.image.processor.load_image_processor`), measuring how far the default
+   ``AutoImageProcessor`` backend is from it on these frames;
 5. extract features (``usfmae features``) and draw a reconstruction (``usfmae reconstruct``);
-6. fine-tune a classifier with the Trainer (``training/finetune_classification.py``) on a small
-   labelled task built from the same real frames (probe orientation: upright vs flipped fan);
-7. write ``REPORT.md`` with the figures, metrics and the commands for the real checkpoints/datasets.
+6. build a small labelled task from the ingested frames (probe orientation: upright vs flipped fan),
+   split by scan so that no scan content is in both splits, and prove it with ``check_leakage``
+   (:mod:`usfmae_hf.quickstart.task`);
+7. fine-tune a classifier on it with the Trainer (``training/finetune_classification.py``);
+8. write ``REPORT.md`` with the figures, metrics and the commands for the real checkpoints/datasets.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path
 
 from usfmae_hf.errors import UsfmaeError
 from usfmae_hf.quickstart.report import Step, write_report
+from usfmae_hf.quickstart.task import build_orientation_task, check_task_leakage
 
 ULTRASOUND_DICOMS = (
     "US1_UNCR.dcm",
@@ -44,7 +49,7 @@ ULTRASOUND_DICOMS = (
     "color3d_jpeg_baseline.dcm",
 )
 RAW_FOLDER = "pydicom-data-ultrasound"
-NUM_STEPS = 7  # ingest, convert, pretrain, load back, features, reconstruction, fine-tune
+NUM_STEPS = 8  # ingest, convert, pretrain, load back, features, reconstruction, task + leakage check, fine-tune
 # A small MAE with USF-MAE's structure (sin-cos positions, 8x8 patches, light decoder), sized for a laptop CPU.
 SMALL_MAE = dict(
     image_size=64,
@@ -96,37 +101,6 @@ class _Tee(io.TextIOBase):
         for stream in self.streams:
             stream.write(text)
         return len(text)
-
-
-def build_orientation_task(
-    dicoms: Sequence[Path], task_dir: Path, *, frame_stride: int = 2
-) -> dict[str, dict[str, int]]:
-    """A labelled task from real frames: each frame upright and vertically flipped (fan apex at the bottom).
-
-    The two orientations of a frame always share a split. Validation holds the last third of every
-    multi-frame clip and every second still image (by file name), training the rest. Returns
-    image counts per split and class.
-    """
-    from PIL import Image
-
-    from usfmae_hf.io import load_frames
-
-    counts = {split: {"upright": 0, "flipped": 0} for split in ("train", "validation")}
-    stills = sorted(p.name for p in dicoms)
-    for path in dicoms:
-        frames = list(load_frames(path, frame_stride=frame_stride))
-        for position, frame in enumerate(frames):
-            if len(frames) > 1:
-                split = "validation" if position >= 2 * len(frames) // 3 else "train"
-            else:
-                split = "validation" if stills.index(path.name) % 2 else "train"
-            upright = Image.fromarray(frame.image)
-            for label, image in (("upright", upright), ("flipped", upright.transpose(Image.Transpose.FLIP_TOP_BOTTOM))):
-                target = task_dir / split / label / f"{path.stem}_{frame.index:04d}.png"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                image.save(target)
-                counts[split][label] += 1
-    return counts
 
 
 class Quickstart:
@@ -193,7 +167,9 @@ class Quickstart:
         final = pretrain_dir / "final"
 
         self._features_and_reconstruction(final, dicoms, out)
-        self._finetune(final, dicoms, out)
+        task_dir = out / "orientation-task"
+        self._build_task(dataset_dir, task_dir)
+        self._finetune(final, task_dir, out)
         report = out / "REPORT.md"
         write_report(report, self.steps, self.results)
         self.log(f"\nreport: {report}")
@@ -267,23 +243,36 @@ class Quickstart:
 
     def _features_and_reconstruction(self, model_dir: Path, dicoms: list[Path], out: Path) -> None:
         def load_back():
-            from transformers import AutoImageProcessor, AutoModel
+            from transformers import AutoModel
+
+            from usfmae_hf.image.processor import build_image_processor, load_image_processor
+            from usfmae_hf.inference.pipelines import default_backend_difference
+            from usfmae_hf.io import load_frames
 
             model = AutoModel.from_pretrained(model_dir)
-            processor = AutoImageProcessor.from_pretrained(model_dir)
-            self.results["loaded"] = f"{type(model).__name__} + {type(processor).__name__}"
+            processor = load_image_processor(model_dir)
+            self.results["loaded"] = f"{type(model).__name__} + {type(processor).__name__} (PIL backend, exact)"
+            frames = [next(load_frames(path)).image for path in dicoms]
+            self.results["processor_difference"] = {
+                size: default_backend_difference(exact, frames)
+                for size, exact in ((processor.size["height"], processor), (224, build_image_processor(224)))
+            }
 
         self._run(
-            "Load the pretrained model back with AutoModel and AutoImageProcessor",
+            "Load the pretrained model back with AutoModel and the exact image processor",
             [
                 "python",
                 "-c",
-                "from transformers import AutoModel, AutoImageProcessor; "
-                f"AutoModel.from_pretrained({str(model_dir)!r}); "
-                f"AutoImageProcessor.from_pretrained({str(model_dir)!r})",
+                "from transformers import AutoModel; from usfmae_hf.image.processor import load_image_processor; "
+                f"AutoModel.from_pretrained({str(model_dir)!r}); load_image_processor({str(model_dir)!r})",
             ],
             load_back,
         )
+        self.steps[-1].notes = [
+            f"default AutoImageProcessor backend vs exact at {size} px on the first frame of each file: max "
+            f"{d['max']:.3f}, mean {d['mean']:.5f} (normalised units), {d['images_differing']}/{len(dicoms)} differ"
+            for size, d in self.results["processor_difference"].items()
+        ]
         features = out / "features.parquet"
         self._cli(
             "Extract CLS features of every frame",
@@ -304,10 +293,34 @@ class Quickstart:
             ],
         )
 
-    def _finetune(self, model_dir: Path, dicoms: list[Path], out: Path) -> None:
-        task_dir = out / "orientation-task"
-        counts = build_orientation_task(dicoms, task_dir)
-        self.results["task_counts"] = counts
+    def _build_task(self, dataset_dir: Path, task_dir: Path) -> None:
+        def action():
+            task = build_orientation_task(dataset_dir, task_dir)
+            return task, check_task_leakage(task_dir)
+
+        task, leakage = self._run(
+            "Build the labelled task from the ingested frames, split by scan, and check it for leakage",
+            [
+                "python",
+                "-c",
+                "from usfmae_hf.quickstart.task import build_orientation_task, check_task_leakage; "
+                f"build_orientation_task({str(dataset_dir)!r}, {str(task_dir)!r}); "
+                f"print(check_task_leakage({str(task_dir)!r}))",
+            ],
+            action,
+        )
+        self.results["task"] = task
+        self.results["leakage"] = str(leakage)
+        self.log(f"leakage check: {leakage}")
+        self.steps[-1].notes = [
+            *(
+                f"scan {scan} ({', '.join(entry['files'])}): {entry['frames']} frames -> {entry['split']}"
+                for scan, entry in task.scans.items()
+            ),
+            f"check_leakage: {leakage}",
+        ]
+
+    def _finetune(self, model_dir: Path, task_dir: Path, out: Path) -> None:
         finetune_dir = out / "finetune"
         s = self.settings
         flags = [
@@ -358,6 +371,8 @@ class Quickstart:
             action,
         )
         self.results["finetune"] = json.loads((finetune_dir / "all_results.json").read_text())
+        state = json.loads((finetune_dir / "trainer_state.json").read_text())
+        self.results["finetune_log"] = [entry for entry in state["log_history"] if "loss" in entry]
         self.results["finetune_dir"] = finetune_dir
 
 

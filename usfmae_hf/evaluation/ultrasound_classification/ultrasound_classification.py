@@ -18,10 +18,14 @@ Accuracy, balanced accuracy, macro and weighted F1 / precision / recall, Matthew
 coefficient, Cohen's kappa, the confusion matrix and, when class probabilities are given, AUROC
 (binary, or one-vs-rest macro for more than two classes), all via scikit-learn.
 
-Classes absent from the references (e.g. a rare class missing from a cross-validation fold):
+Classes absent from the references (e.g. a rare class missing from a cross-validation fold, or a
+patient-level validation split that holds a single class) are listed in ``absent_classes``; callers
+must flag them, because the averaged figures then cover fewer classes than the task has:
 * F1, precision and recall average over the classes present in the references or predictions
-  (scikit-learn's default; a class neither present nor predicted has no defined score);
-  ``zero_division=0``.
+  (scikit-learn's default; a class neither present nor predicted has no defined score), listed in
+  ``macro_average_classes``; ``zero_division=0``. A model that always predicts the one present class
+  of a single-class split scores macro F1 1.0 over that one class.
+* Balanced accuracy averages recall over the classes present in the references only.
 * The confusion matrix is always ``num_classes x num_classes`` (rows = references).
 * AUROC of a class is undefined when the references hold no positive or no negative of it. Its
   entry of ``roc_auc_per_class`` is then NaN and listed in ``roc_auc_undefined_classes``; ``roc_auc``
@@ -40,7 +44,8 @@ Args:
 Returns:
     accuracy, balanced_accuracy, f1_macro, f1_weighted, precision_macro, precision_weighted,
     recall_macro, recall_weighted, mcc, cohen_kappa (floats); confusion_matrix (list of lists);
-    support (per-class reference counts); num_samples; and with scores: roc_auc,
+    support (per-class reference counts); absent_classes (class indices with no reference);
+    macro_average_classes (class indices the macro averages cover); num_samples; and with scores: roc_auc,
     roc_auc_macro_defined (floats, NaN when undefined), roc_auc_per_class (list),
     roc_auc_undefined_classes (list of class indices).
 Examples:
@@ -99,6 +104,8 @@ class UltrasoundClassification(evaluate.Metric):
         result = {name: float(value) for name, value in result.items()}
         result["confusion_matrix"] = skm.confusion_matrix(references, predictions, labels=all_classes).tolist()
         result["support"] = np.bincount(references, minlength=num_classes).tolist()
+        result["absent_classes"] = [index for index, count in enumerate(result["support"]) if count == 0]
+        result["macro_average_classes"] = np.union1d(references, predictions).tolist()
         result["num_samples"] = int(len(references))
         if scores is not None:
             result.update(_roc_auc(references, scores))
