@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from usfmae_hf.precision import cpu_name
+
 
 def best_seconds(function: Callable[[], object], iterations: int) -> float:
     """Fastest of ``iterations`` timed calls after one warm-up call."""
@@ -149,19 +151,6 @@ def ultrasound_frames(count: int) -> list[np.ndarray]:
     if len(frames) < count:
         raise SystemExit(f"pydicom-data holds only {len(frames)} ultrasound frames, {count} needed")
     return frames[:count]
-
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (or the platform's processor string)."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def bf16_agreement(fp32: torch.Tensor, bf16: torch.Tensor) -> tuple[float, float]:

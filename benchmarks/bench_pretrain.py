@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -32,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from usfmae_hf.precision import cpu_name
 
 
 def make_images(directory: Path, count: int) -> None:
@@ -156,16 +157,6 @@ def augmentation_per_worker(images: Path, image_size: int, seconds: float = 5.0)
         return done / (time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ Target: (a)/(b) >= 0.9. Prints the CPU (or GPU) it ran on.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -23,16 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import TrainerCallback
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from usfmae_hf.precision import cpu_name
 
 
 def write_model(directory: Path) -> Path:
@@ -64,24 +56,18 @@ def write_data(directory: Path, count: int) -> Path:
     return directory / "train"
 
 
-class StepTimer:
+class StepTimer(TrainerCallback):
     """A Trainer callback recording the wall time of every optimizer step."""
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
 
-        class _Timer(TrainerCallback):
-            def __init__(self):
-                self.times: list[float] = []
-                self._start = 0.0
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
 
-            def on_step_begin(self, args, state, control, **kwargs):
-                self._start = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                self.times.append(time.perf_counter() - self._start)
-
-        return _Timer()
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._start)
 
 
 def package_loop(model_dir: Path, train_dir: Path, batch: int, steps: int, device: str) -> float:

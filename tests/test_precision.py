@@ -102,3 +102,12 @@ def test_auto_elsewhere_is_fp32(monkeypatch):
 
 def test_the_cli_offers_the_same_names():
     assert COMMAND_PRECISIONS == PRECISIONS
+
+
+def test_cpu_name_reads_the_model_name_line(tmp_path):
+    from usfmae_hf.precision import cpu_name
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Example CPU 9000\nflags\t\t: avx2\n")
+    assert cpu_name(cpuinfo) == "Example CPU 9000"
+    assert cpu_name(tmp_path / "missing")  # falls back to the platform's string, never empty

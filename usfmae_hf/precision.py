@@ -61,6 +61,21 @@ def cpu_flags(cpuinfo: Path | None = None) -> frozenset[str] | None:
     return frozenset(flags)
 
 
+def cpu_name(cpuinfo: Path | None = None) -> str:
+    """The CPU's model name (the first ``model name`` line of ``/proc/cpuinfo``), else the platform's processor
+    string; benchmarks print it beside their figures."""
+    import platform
+
+    try:
+        for line in (cpuinfo or CPUINFO).read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def _cpu_bf16_feature() -> str | None:
     """The CPU feature that makes bf16 fast here (``"AMX"``, ``"AVX-512 BF16"``), or ``None``."""
     flags = cpu_flags()
