@@ -26,6 +26,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "usfmae_hf.launch",
         "usfmae_hf._moved",
         "usfmae_hf.precision",
+        # The model's config field lists: plain data importing nothing, read by publishing's cards too.
+        # Listed before ``usfmae_hf.model`` (the first matching layer counts), so it may import nothing above.
+        "usfmae_hf.model.fields",
     ),
     ("usfmae_hf.io",),
     ("usfmae_hf.image",),

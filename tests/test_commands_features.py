@@ -271,6 +271,8 @@ def slow_load_frames(path, **kwargs):
     return real_load_frames(path, **kwargs)
 feature_files.load_frames = slow_load_frames
 feature_files.write_features = functools.partial(feature_files.write_features, checkpoint_seconds=0.2)
+import usfmae_hf.inference.distributed_features as distributed_features
+distributed_features.write_features = feature_files.write_features
 from usfmae_hf.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
-import socket
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from finetuning_helpers import free_port, run_flags, run_python, usage_snippet
 from PIL import Image
 
 from usfmae_hf.errors import UnreadableImageError, UsfmaeError
@@ -34,12 +36,6 @@ def make_speckle_folders(root: Path, sizes: dict[str, int], seed: int = 0) -> Pa
                 speckle = np.clip(rng.rayleigh(scale=level / 1.25, size=(40, 48)), 0, 255).astype(np.uint8)
                 Image.fromarray(speckle, mode="L").save(folder / f"{name}_{i}.png")
     return root
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -320,26 +316,14 @@ def test_dataset_name_source_gets_ids_and_shared_labels(tmp_path):
 
 
 def _finetune_args(model_dir: Path, data: Path, output: Path, *extra: str) -> list[str]:
-    return [
-        "--model_name_or_path",
-        str(model_dir),
-        "--train_dir",
-        str(data / "train"),
-        "--validation_dir",
-        str(data / "validation"),
-        "--test_dir",
-        str(data / "test"),
-        "--output_dir",
-        str(output),
+    return run_flags(
+        model_dir,
+        data,
+        output,
         "--per_device_train_batch_size",
         "8",
         "--per_device_eval_batch_size",
         "8",
-        "--use_cpu",
-        "--report_to",
-        "none",
-        "--save_strategy",
-        "no",
         "--eval_strategy",
         "no",
         "--logging_steps",
@@ -347,7 +331,7 @@ def _finetune_args(model_dir: Path, data: Path, output: Path, *extra: str) -> li
         "--seed",
         "0",
         *extra,
-    ]
+    )
 
 
 def test_finetune_beats_chance_with_mae_recipe_and_pushes(tiny_model_dir, speckle_data, tmp_path, hub_server):  # noqa: F811
@@ -434,7 +418,7 @@ def test_two_process_cpu_trainer(tiny_model_dir, speckle_data, tmp_path):
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(REPO / "training" / "finetune_classification.py"),
         *_finetune_args(
             tiny_model_dir, speckle_data, output, "--head", "cls", "--max_steps", "3", "--learning_rate", "1e-3"
@@ -624,3 +608,45 @@ def test_max_steps_zero_and_empty_class_folders_fail_in_one_line(tiny_model_dir,
     assert _main([*argv, "--use_cpu", "--report_to", "none"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "class folder(s) cyst, malignant hold no images (found only .dcm files)" in error[0]
+
+
+@pytest.fixture(scope="module", params=["cls", "mean"])
+def lora_run(request, tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """A short LoRA run (``--head`` cls or mean) whose validation split has no malignant images: data, output."""
+    root = tmp_path_factory.mktemp(f"lora_{request.param}")
+    data = make_speckle_folders(root / "data", {"train": 4, "validation": 2, "test": 2})
+    shutil.rmtree(data / "validation" / "malignant")
+    output = root / "run"
+    flags = ["--peft", "lora", "--head", request.param, "--max_steps", "3", "--learning_rate", "0.02"]
+    assert _main(_finetune_args(tiny_model_dir, data, output, *flags)) == 0
+    return data, output
+
+
+def test_card_warns_of_a_class_absent_from_an_evaluated_split(lora_run):
+    _, output = lora_run
+    results = json.loads((output / "all_results.json").read_text())
+    assert len(results["validation_warnings"]) == 1 and results["test_warnings"] == []
+    card = (output / "README.md").read_text()
+    evaluation = card[card.index("## Evaluation") : card.index("## Limitations")]
+    warnings = [line for line in evaluation.splitlines() if line.startswith("> **Warning:** ")]
+    assert warnings == [f"> **Warning:** {results['validation_warnings'][0]}"]
+    assert "the validation split has no images of class(es) ['malignant']" in warnings[0]
+
+
+def test_adapter_card_snippet_loads_the_adapter_and_predicts_as_the_run(lora_run, tmp_path):
+    """The card's usage code, run as written (a fresh interpreter, offline) on the adapter folder and the local
+    base model, prints the class probabilities the run's own evaluation wrote for that image."""
+    data, output = lora_run
+    files = {path.name for path in output.iterdir()}
+    assert "adapter_model.safetensors" in files and "config.json" not in files  # an adapter, not a whole model
+    image = "malignant/malignant_0.png"
+    shutil.copy(data / "test" / image, tmp_path / "ultrasound.png")
+    printed = run_python(usage_snippet(output / "README.md", str(output)), tmp_path)
+    shown = dict(line.rsplit(": ", 1) for line in printed.strip().splitlines())
+    with open(output / "test_predictions.csv", newline="") as handle:
+        row = next(row for row in csv.DictReader(handle) if row["id"] == image)
+    expected = {label: float(row[f"prob_{label}"]) for label in ("benign", "malignant")}
+    assert abs(expected["malignant"] - 0.5) > 0.01  # trained away from 0.5 (an untrained mean head): the check can fail
+    assert shown.keys() == expected.keys()
+    for label, probability in shown.items():
+        assert float(probability) == pytest.approx(expected[label], abs=6e-4)

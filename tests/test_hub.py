@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from usfmae_hf.cli import main
-from usfmae_hf.publishing import hub
+from usfmae_hf.publishing import upload_plan as hub  # the Hub's limits and file rules live there
 from usfmae_hf.publishing.cards import REPO_ID_PLACEHOLDER
 from usfmae_hf.publishing.hub import PublishError, plan_upload, push_model_dir, validate_model_dir
 from usfmae_hf.publishing.pickles import find_pickle

@@ -59,6 +59,11 @@ def lora_model(model_dir, head: str, **overrides) -> nn.Module:
         PeftArguments(peft="lora", **overrides),
         base_model_name_or_path=str(model_dir),
     )
+    return randomise_trainable(model)
+
+
+def randomise_trainable(model: nn.Module) -> nn.Module:
+    """Give every trainable parameter seeded random values, as training would move them."""
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for parameter in model.parameters():
@@ -229,6 +234,30 @@ def test_segmentation_model_heads_are_inferred_and_lora_finds_legacy_names(tiny_
 def test_head_names_matching_other_modules_by_suffix_are_refused(tiny_dpt):
     with pytest.raises(UsfmaeError, match="also match auxiliary_head"):
         prepare_model(tiny_dpt, PeftArguments(peft="lora"), head_modules=["neck", "head"])
+
+
+def test_dpt_adapter_wraps_each_head_once_and_loads_back(tiny_dpt, tmp_path):
+    """peft wraps every module whose name ends with a head's: DPT's ``head`` would also take ``head.head`` inside it
+    (and ``auxiliary_head.head``), and an adapter with a wrapper inside another does not load back."""
+    import copy
+
+    from peft import PeftModel
+    from peft.utils.other import ModulesToSaveWrapper
+
+    base = copy.deepcopy(tiny_dpt)  # the same weights the adapter is trained on
+    model = randomise_trainable(prepare_model(tiny_dpt, PeftArguments(peft="lora")))
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
+    assert wrapped == [f"base_model.model.{name}" for name in ("neck", "head.head", "auxiliary_head.head")]
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == [
+        "auxiliary_head.head",
+        "head.head",
+        "neck",
+    ]
+    expected = logits(model, pixels())
+    assert not torch.allclose(logits(base, pixels()), expected, atol=1e-3)
+    reloaded = PeftModel.from_pretrained(base, tmp_path)
+    torch.testing.assert_close(logits(reloaded, pixels()), expected, atol=1e-6, rtol=0)
 
 
 def test_segmentation_freeze_layers_uses_the_encoder_block_list(tiny_dpt):

@@ -146,6 +146,23 @@ def test_weight_decay_groups(tiny_mae_config):
     assert not any("position_embeddings" in n or "decoder_pos_embed" in n for n in decayed | exempt)  # frozen
     assert all(p.ndim >= 2 for p in decay["params"])
     assert len(decayed | exempt) == sum(p.requires_grad for p in model.parameters())
+    (everything,) = parameter_groups(model, 0.05, decay_all=True)  # USF-MAE: AdamW(model.parameters())
+    assert everything["weight_decay"] == 0.05
+    assert [id(p) for p in everything["params"]] == [id(p) for p in model.parameters() if p.requires_grad]
+
+
+def test_continued_model_trains_in_fp32_with_fixed_position_tables(tiny_model_dir, tmp_path):
+    from transformers import ViTMAEForPreTraining
+
+    stored = ViTMAEForPreTraining.from_pretrained(tiny_model_dir).to(torch.bfloat16)
+    stored.save_pretrained(tmp_path / "bf16")
+    assert ViTMAEForPreTraining.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16  # transformers keeps it
+    model = build_model(model_name_or_path=tmp_path / "bf16", config_name=None)
+    assert {p.dtype for p in model.parameters()} == {torch.float32} and model.config.dtype == torch.float32
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == ["vit.embeddings.position_embeddings", "decoder.decoder_pos_embed"]  # MAE's fixed sin-cos
+    for (name, value), original in zip(model.state_dict().items(), stored.state_dict().values()):
+        assert torch.equal(value, original.float()), name
 
 
 def _mae_adjust_learning_rate(epoch: float, *, lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> float:
@@ -252,8 +269,15 @@ def test_recipe_presets_fill_only_unset_flags():
 
 
 def _run_flags(accumulation: int) -> list[str]:
-    """4 optimizer steps of 4-image micro-batches, checkpoints at steps 2 and 4 (keeping 1)."""
+    """4 optimizer steps of 4-image micro-batches, checkpoints at steps 2 and 4 (keeping 1), MAE's recipe.
+
+    MAE's: its lr scales with the effective batch and it trains full batches only (USF-MAE's short last
+    batch would be topped up from the epoch's start on 2 processes and trained short on one). Its
+    precision, fp16, is overridden by ``--mixed_precision no``.
+    """
     return [
+        "--recipe",
+        "mae",
         "--per_device_train_batch_size",
         "4",
         "--gradient_accumulation_steps",
@@ -521,7 +545,13 @@ def test_bf16_autocast_run_trains_and_records_precision(tiny_model_dir, image_di
     # start summary: processes, device, batch, lr plan, data, output; end summary: final loss and outputs
     assert "processes: 1 (NO), device cpu" in printed
     assert "effective batch: 4 per process x 1 accumulation x 1 processes = 4" in printed
-    assert "lr plan: linear warmup 1 steps to peak 0.002, cosine to 1e-05 at step 8" in printed  # 10% of 8, rounded
+    # 10% of 8 steps, rounded down as USF-MAE's int()
+    assert "lr plan: linear warmup 0 steps to peak 0.002, cosine to 1e-05 at step 8" in printed
+    assert (
+        "optimizer: AdamW, learning rate 0.002 (--learning_rate), weight decay 0.05 on all parameters, "
+        "AdamW betas 0.9 / 0.999, gradient clipping 1\n" in printed
+    )
+    assert "warning: not one of USF-MAE's notebook runs: --learning_rate 0.002 replaces lr = blr x 128 / 256" in printed
     assert f"data: 25 images; output folder: {output}" in printed
     assert f"final loss {losses[-1]:.4f} at step 8" in printed
     for name in ("final", "log.jsonl", "training_curves.png", "reconstructions"):

@@ -5,10 +5,14 @@ Also its labelled task: split by scan, so that no image content (and no copy of 
 
 from __future__ import annotations
 
+import ast
 import csv
 import hashlib
 import itertools
 import json
+import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,9 +38,10 @@ def _digests_by_split(task_dir: Path) -> dict[str, set[str]]:
     }
 
 
-@pytest.mark.slow
-def test_quickstart_smoke_run_produces_loadable_outputs(tmp_path):
-    out = tmp_path / "quickstart-output"
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """``usfmae quickstart --smoke``, run once for the tests of this module that read its outputs."""
+    out = tmp_path_factory.mktemp("quickstart") / "quickstart-output"
     result = subprocess.run(
         [sys.executable, "-m", "usfmae_hf.cli", "quickstart", "--output", str(out), "--smoke"],
         capture_output=True,
@@ -44,6 +49,12 @@ def test_quickstart_smoke_run_produces_loadable_outputs(tmp_path):
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    return out, result
+
+
+@pytest.mark.slow
+def test_quickstart_smoke_run_produces_loadable_outputs(smoke_run):
+    out, result = smoke_run
     for number in range(1, 9):
         assert f"[{number}/8]" in result.stdout  # visible progress through every stage
 
@@ -66,8 +77,9 @@ def test_quickstart_smoke_run_produces_loadable_outputs(tmp_path):
         "## Steps and exact commands",
         "usfmae ingest",
         "usfmae convert",
-        "training/pretrain_mae.py",
-        "training/finetune_classification.py",
+        "usfmae pretrain",
+        "usfmae finetune",
+        "accelerate launch --multi_gpu --num_processes 8 -m usfmae_hf.pretraining",
         "## The same on the real USF-MAE release",
     ):
         assert section in report
@@ -79,6 +91,56 @@ def test_quickstart_smoke_run_produces_loadable_outputs(tmp_path):
     )
     digests = _digests_by_split(out / "orientation-task")
     assert digests["train"] and digests["validation"] and not digests["train"] & digests["validation"]
+
+
+def _report_commands(report: str) -> list[list[str]]:
+    """The commands of every ``bash`` block of a report, continuation lines joined and comments dropped."""
+    blocks = re.findall(r"```bash\n(.*?)```", report, flags=re.DOTALL)
+    commands = []
+    for block in blocks:
+        for command in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(command, comments=True)
+            if words:
+                commands.append(words)
+    return commands
+
+
+def _probes(commands: list[list[str]]) -> list[list[str]]:
+    """What shows that the program of each command is installed: ``PROGRAM [SUB-COMMAND] --help``, and for the
+    ``python -c CODE`` commands one ``python -c`` importing every name they import (running them would redo the
+    quickstart's work)."""
+    probes, imports = [], []
+    for words in commands:
+        program = shutil.which(words[0]) or shutil.which(words[0], path=str(Path(sys.executable).parent))
+        assert program is not None, f"{words[0]} is not installed: {shlex.join(words)}"
+        if words[0] == "usfmae":
+            probes.append([program, words[1], "--help"])
+        elif words[0] == "accelerate":
+            assert words[1] == "launch" and "-m" in words, shlex.join(words)  # a module, not a script path
+            probes.append([sys.executable, "-m", words[words.index("-m") + 1], "--help"])
+        else:
+            assert words[:2] == ["python", "-c"], shlex.join(words)
+            found = [node for node in ast.walk(ast.parse(words[2])) if isinstance(node, ast.ImportFrom)]
+            assert found, words[2]
+            imports += [f"from {node.module} import {', '.join(a.name for a in node.names)}" for node in found]
+    unique = list(dict.fromkeys(tuple(probe) for probe in probes))
+    return [list(probe) for probe in unique] + (
+        [[sys.executable, "-c", "; ".join(dict.fromkeys(imports))]] if imports else []
+    )
+
+
+@pytest.mark.slow
+def test_every_command_of_the_report_runs_from_any_folder(smoke_run, tmp_path):
+    out, _ = smoke_run
+    commands = _report_commands((out / "REPORT.md").read_text())
+    assert len(commands) >= 15
+    programs = {tuple(words[:2]) for words in commands}
+    assert {("usfmae", "pretrain"), ("usfmae", "finetune"), ("accelerate", "launch"), ("python", "-c")} <= programs
+    assert not [words for words in commands if any("training/" in word for word in words)]
+    for probe in _probes(commands):
+        result = subprocess.run(probe, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"{shlex.join(probe)}: {result.stderr[-2000:]}"
+        assert "Traceback" not in result.stderr
 
 
 def test_quickstart_refuses_a_non_empty_output(tmp_path):

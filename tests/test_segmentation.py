@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import os
-import socket
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_MAE_KWARGS
+from finetuning_helpers import free_port, run_flags, run_python, usage_snippet
 from hub_server import hub_server  # noqa: F401
 from PIL import Image
 from synthetic_segmentation import write_generic
@@ -22,12 +23,6 @@ from synthetic_segmentation import write_generic
 REPO = Path(__file__).resolve().parents[1]
 # Four blocks (DPT reassembles four depths), 64-px input with 8-px patches: an 8 x 8 token grid.
 SEG_MAE_KWARGS = dict(TINY_MAE_KWARGS, image_size=64, num_hidden_layers=4)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -49,28 +44,7 @@ def seg_data(tmp_path_factory) -> Path:
 
 
 def _args(model_dir: Path, data: Path, output: Path, *extra: str) -> list[str]:
-    return [
-        "--model_name_or_path",
-        str(model_dir),
-        "--train_dir",
-        str(data / "train"),
-        "--validation_dir",
-        str(data / "validation"),
-        "--test_dir",
-        str(data / "test"),
-        "--output_dir",
-        str(output),
-        "--use_cpu",
-        "--report_to",
-        "none",
-        "--save_strategy",
-        "no",
-        "--dataloader_num_workers",
-        "0",
-        "--disable_tqdm",
-        "true",
-        *extra,
-    ]
+    return run_flags(model_dir, data, output, "--dataloader_num_workers", "0", "--disable_tqdm", "true", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +253,7 @@ def test_two_processes_equal_one_with_accumulation(seg_model_dir, seg_data, tmp_
     script = str(REPO / "training" / "finetune_segmentation.py")
     runs = {
         "ddp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                "127.0.0.1", "--master_port", str(_free_port()), script],
+                "127.0.0.1", "--master_port", str(free_port()), script],
         "single": [sys.executable, script, "--gradient_accumulation_steps", "2"],
     }  # fmt: skip
     weights = {}
@@ -356,3 +330,34 @@ def test_mask_png_keeps_label_ids_and_colours():
     np.testing.assert_array_equal(np.asarray(image), mask)
     palette = image.getpalette()[:9]
     assert palette[:3] == [0, 0, 0] and palette[3:6] != palette[6:9]
+
+
+# Appended to the card's snippet: the adapter it loaded, merged, against the run's own merged export.
+COMPARE_WITH_MERGED = """
+import torch
+from PIL import Image
+from transformers import AutoModelForSemanticSegmentation
+
+merged = AutoModelForSemanticSegmentation.from_pretrained(MERGED).eval()
+inputs = processor(images=Image.open("ultrasound.png"), return_tensors="pt")
+with torch.no_grad():
+    print("max difference", float((model(**inputs).logits - merged(**inputs).logits).abs().max()))
+"""
+
+
+def test_adapter_card_snippet_rebuilds_the_trained_model(seg_model_dir, seg_data, tmp_path):
+    """The LoRA run's card snippet, run as written (fresh interpreter, offline) on the adapter folder and the
+    local base model, segments the image and holds the model the run trained (its --export_merged copy)."""
+    from usfmae_hf.finetuning.segmentation import main
+
+    output = tmp_path / "lora"
+    flags = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2"]
+    flags += ["--num_overlays", "0", "--peft", "lora", "--export_merged"]
+    assert main(_args(seg_model_dir, seg_data, output, *flags)) == 0
+    assert "adapter_model.safetensors" in {path.name for path in output.iterdir()}
+    shutil.copy(sorted((seg_data / "test" / "images").glob("*.png"))[0], tmp_path / "ultrasound.png")
+    snippet = usage_snippet(output / "README.md", str(output))
+    printed = run_python(snippet + COMPARE_WITH_MERGED.replace("MERGED", repr(str(output / "merged"))), tmp_path)
+    *segments, difference = printed.strip().splitlines()
+    assert segments and all(line.split()[0] in {"background", "lesion"} for line in segments)
+    assert float(difference.removeprefix("max difference ")) < 1e-4

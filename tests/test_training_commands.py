@@ -170,6 +170,6 @@ def test_accelerate_launch_module_on_two_processes_equals_one(tiny_model_dir, im
     )
     assert [r["step"] for r in two_records] == [r["step"] for r in one_records] == [1, 2]
     np.testing.assert_allclose([r["loss"] for r in two_records], [r["loss"] for r in one_records], rtol=1e-5)
-    # the learning rate scales with the effective batch, which counts processes: a lone process would halve it
+    # --recipe usfmae: lr = blr x 128 / 256 on any number of processes (MAE's scaling: tests/test_pretraining.py)
     assert [r["lr"] for r in two_records] == pytest.approx([r["lr"] for r in one_records])
     assert (two / "final" / "config.json").is_file()

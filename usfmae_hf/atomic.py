@@ -9,13 +9,26 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from usfmae_hf.errors import OutputExistsError
+from usfmae_hf.errors import OutputExistsError, UsfmaeError
 
 
 def ensure_writable_output(path: str | os.PathLike, overwrite: bool) -> None:
-    """Raise :class:`OutputExistsError` if ``path`` exists and ``overwrite`` is false."""
-    if Path(path).exists() and not overwrite:
+    """Raise :class:`OutputExistsError` if ``path`` exists and ``overwrite`` is false, and
+    :class:`UsfmaeError` if it cannot be written where it is named: a file stands where one of its
+    folders should be, or the nearest existing folder is not writable. Callers run it before any slow work.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} already exists (pass --overwrite to replace it)")
+    folder = path.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsfmaeError(f"cannot write {path}: {folder} is a file, not a folder (choose another path)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsfmaeError(
+            f"cannot write {path}: {folder} is not writable (check its permissions, or choose another path)"
+        )
 
 
 @contextlib.contextmanager

@@ -1,11 +1,15 @@
 """How every ``usfmae`` command and ``training/`` script fails: one line, exit status 2 or 1.
 
 * Expected failures (:class:`~usfmae_hf.errors.UsfmaeError`, environmental ``OSError`` such as a
-  missing file, a permission problem, a full disk or a read-only file system, and ``MemoryError``)
-  print ``PROG: error: ...`` and return 2.
+  missing file, a permission problem, a file where a folder should be, a full disk or a read-only
+  file system, a model that is neither a folder nor on the Hub, and ``MemoryError``) print
+  ``PROG: error: ...`` and return 2. So do command-line mistakes: :class:`OneLineArgumentErrors`
+  gives an ``argparse`` parser one-line errors instead of the whole usage text.
 * Anything else prints one line naming the exception and the file the full traceback was written
   to, and returns 1; with ``--debug`` or ``USFMAE_DEBUG=1`` the traceback is printed instead.
 * ``KeyboardInterrupt`` prints ``PROG: interrupted`` and returns 130.
+* A closed output pipe (``usfmae datasets list | head``) ends the command silently, as it ends
+  ``cat``: status 141 (128 + SIGPIPE).
 
 Only the standard library is imported here: this module runs before (and after) any heavy import.
 """
@@ -19,11 +23,12 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 EXIT_EXPECTED = 2
 EXIT_UNEXPECTED = 1
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
 DEBUG_ENVIRONMENT_VARIABLE = "USFMAE_DEBUG"
 
 # Paragraphs/sentences of torch's ``weights_only`` error text that are advice, not a diagnosis. The
@@ -70,17 +75,90 @@ def describe_expected(error: BaseException) -> str | None:
         return f"out of GPU memory: use a smaller --batch-size or another device ({_first_line(error)})"
     if not isinstance(error, OSError):
         return None
-    where = _paths(error)
+    model = _model_not_found(error)
+    if model is not None:
+        return model
+    where = _paths(error) or _first_line(error)
     if isinstance(error, FileNotFoundError):
-        return f"no such file or directory: {where or _first_line(error)} (check the path)"
+        return f"no such file or directory: {where} (check the path)"
     if isinstance(error, PermissionError):
-        return f"permission denied: {where or _first_line(error)} (check its permissions, or choose another path)"
+        return f"permission denied: {where} (check its permissions, or choose another path)"
+    if isinstance(error, (NotADirectoryError, FileExistsError)):
+        in_the_way = None if error.filename is None else _file_in_the_way(os.fsdecode(error.filename))
+        if in_the_way is not None:
+            target = "" if in_the_way == os.path.abspath(where) else f": cannot create {where}"
+            return f"{in_the_way} is a file, not a folder{target} (choose another path)"
+        if isinstance(error, FileExistsError):
+            return f"already exists: {where} (remove it, or choose another path)"
+        return f"not a folder: {where} (choose another path)"
+    if isinstance(error, IsADirectoryError):
+        return f"is a folder, not a file: {where} (choose a file name)"
     if error.errno == errno.ENOSPC or error.errno == getattr(errno, "EDQUOT", None):
-        target = f" while writing {where}" if where else ""
+        target = f" while writing {_paths(error)}" if _paths(error) else ""
         return f"no space left on device{target} (free some space, or write to another disk)"
     if error.errno == errno.EROFS:
-        return f"read-only file system: {where or _first_line(error)} (write to a writable location)"
+        return f"read-only file system: {where} (write to a writable location)"
+    if error.errno == errno.ELOOP:
+        return f"symbolic link loop: {where} (fix or remove the link)"
+    if error.errno == errno.ENAMETOOLONG:
+        return f"file name too long: {where} (choose a shorter name)"
     return None
+
+
+# huggingface_hub's errors for a model name that is no folder here and no model on the Hub (or in its
+# cache, offline); transformers re-raises them as a bare OSError.
+_MODEL_NOT_FOUND = {
+    "HFValidationError": "no such model folder, and not a valid Hub model id",
+    "RepositoryNotFoundError": "no such model folder, and no such model on the Hub",
+    "RevisionNotFoundError": "no such revision of the Hub model",
+    "GatedRepoError": "the Hub model is gated: accept its terms on the Hub and log in",
+    "LocalEntryNotFoundError": "no such model folder, and not in the Hub cache (offline, or the Hub unreachable)",
+    "EntryNotFoundError": "the model folder or Hub model lacks a file it needs",
+}
+
+
+def _model_not_found(error: BaseException) -> str | None:
+    """The message for a model that could not be found (a huggingface_hub error in ``error``'s chain), or None."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        # by name, most specific first (RemoteEntryNotFoundError is an EntryNotFoundError): no import needed
+        kinds = [kind.__name__ for kind in type(cause).__mro__ if kind.__module__.startswith("huggingface_hub")]
+        kind = next((name for name in kinds if name in _MODEL_NOT_FOUND), None)
+        if kind is not None:
+            what = _MODEL_NOT_FOUND[kind]
+            quoted = re.findall(r"'([^']+)'", str(cause))
+            if kind == "HFValidationError" and quoted:
+                # it names the rejected id last: "... 'namespace/repo_name': '/path/to/model'."
+                return f"{quoted[-1]}: {what} (check the path)"
+            return f"{what} (check the path or model id): {_first_line(error)}"
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _file_in_the_way(path: str) -> str | None:
+    """The nearest existing ancestor of ``path`` (or ``path`` itself) if it is not a folder, else None."""
+    current = os.path.abspath(path)
+    while not os.path.lexists(current):
+        parent = os.path.dirname(current)
+        if parent == current:
+            return None
+        current = parent
+    return None if os.path.isdir(current) else current
+
+
+class OneLineArgumentErrors:
+    """Mixin for :class:`argparse.ArgumentParser` (and subclasses such as ``HfArgumentParser``): a command-line
+    mistake prints ``PROG: error: MESSAGE (--help lists the options)`` and exits 2, instead of the whole usage
+    text first. Put it before the parser class: ``class Parser(OneLineArgumentErrors, argparse.ArgumentParser)``.
+    Sub-parsers made by ``add_subparsers`` inherit it (argparse makes them of the parser's own class)."""
+
+    prog: str
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {one_line(message)} (--help lists the options)", file=sys.stderr)
+        sys.exit(EXIT_EXPECTED)
 
 
 def report_failure(error: BaseException, prog: str, *, debug: bool = False) -> int:
@@ -88,6 +166,9 @@ def report_failure(error: BaseException, prog: str, *, debug: bool = False) -> i
     if isinstance(error, KeyboardInterrupt):
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if isinstance(error, BrokenPipeError):
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
     debug = debug_requested(debug)
     message = describe_expected(error)
     if message is not None:
@@ -108,6 +189,16 @@ def report_failure(error: BaseException, prog: str, *, debug: bool = False) -> i
     )
     print(f"{prog}: unexpected error: {summary} ({where}; please report it)", file=sys.stderr)
     return EXIT_UNEXPECTED
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not fail on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real stdout (captured): nothing will be flushed into the pipe
+        pass
 
 
 def run_reporting_failures(call: Callable[[], Any], prog: str, *, debug: bool = False) -> int:

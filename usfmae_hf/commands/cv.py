@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         dest="cv_method",
         choices=("finetune", "probe"),
         default="probe",
-        help="finetune: training/finetune_classification.py per fold; probe: `usfmae probe` per fold (default: probe)",
+        help="finetune: `usfmae finetune` per fold; probe: `usfmae probe` per fold (default: probe)",
     )
     add_probe_arguments(parser)
     parser.add_argument("--task", choices=TASKS, required=True, help="evaluation set with official folds")

@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         options=options,
         num_proc=args.num_proc,
         overwrite=args.overwrite,
+        progress=not args.quiet,
         max_decoded_bytes=None if args.max_decoded_mb is None else max(1, int(args.max_decoded_mb * 2**20)),
     )
     unreadable = sum(len(d["unreadable"]) for d in report["datasets"])

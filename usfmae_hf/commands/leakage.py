@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from usfmae_hf.evaluation.leakage import find_shared_images
 
-    shared = find_shared_images(args.build, args.against)
+    shared = find_shared_images(args.build, args.against, progress=not args.quiet)
     for other, pairs in shared.items():
         print(f"{other}: {len(pairs)} images shared with {args.build}")
         for mine, theirs in pairs[:_EXAMPLES]:

@@ -58,7 +58,7 @@ def register(subparsers) -> None:
         "segment",
         help="segment images, DICOMs and cines with a fine-tuned USF-MAE segmentation model",
         description="Preprocess every frame of the inputs exactly as USF-MAE does, predict its mask with a model "
-        "from training/finetune_segmentation.py, and write into OUTPUT one <name>_mask.png per frame (a palette PNG "
+        "from `usfmae finetune-segmentation`, and write into OUTPUT one <name>_mask.png per frame (a palette PNG "
         "at the frame's own size whose pixel values are the label ids) and one <name>_overlay.png (the frame "
         "beside it with the prediction drawn over it). Cine and video frames get a _frameNNNN suffix. Unreadable "
         "files are reported and skipped.",

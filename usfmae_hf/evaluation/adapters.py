@@ -10,7 +10,6 @@ plus the patient column where one exists.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from pathlib import Path
@@ -18,8 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from usfmae_hf.errors import UsfmaeError
-
-logger = logging.getLogger(__name__)
+from usfmae_hf.evaluation.dataset_files import (
+    carve_validation,
+    find_marker,
+    image_files,
+    read_cls_file,
+    resolve_files,
+    take_rows,
+)
 
 __all__ = ["BUSBRA_CLASSES", "MMOTU2D_CLASSES", "load_busbra", "load_gist514", "load_mmotu2d"]
 
@@ -34,78 +39,6 @@ MMOTU2D_CLASSES = (
     "mucinous cystadenoma",
     "high grade serous cystadenoma",
 )
-
-
-def _find_marker(root: str | os.PathLike, name: str, dataset: str) -> Path:
-    """The one file called ``name`` in ``root`` or below (hidden folders skipped)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UsfmaeError(f"{root}: not a folder")
-    if (root / name).is_file():
-        return root / name
-    found = sorted(
-        p
-        for p in root.rglob(name)
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
-    if not found:
-        raise UsfmaeError(f"no {dataset} found under {root} (looked for {name})")
-    if len(found) > 1:
-        raise UsfmaeError(
-            f"several {dataset} copies under {root}: {', '.join(map(str, found[:3]))}; pass one of their folders"
-        )
-    return found[0]
-
-
-def _image_files(folder: Path, dataset: str) -> dict[str, Path]:
-    """Lower-case file name -> path for the files of ``folder`` (file-name case differs between copies)."""
-    if not folder.is_dir():
-        raise UsfmaeError(f"{dataset}: image folder {folder} is missing")
-    return {p.name.lower(): p for p in folder.iterdir() if p.is_file()}
-
-
-def _resolve(files: dict[str, Path], names: list[str], dataset: str) -> list[str]:
-    missing = [name for name in names if name.lower() not in files]
-    if missing:
-        raise UsfmaeError(f"{dataset}: {len(missing)} listed images are missing, e.g. {missing[:3]}")
-    return [str(files[name.lower()]) for name in names]
-
-
-def _carve_validation(
-    labels: np.ndarray, groups: np.ndarray | None, val_fraction: float, seed: int, *, dataset: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of (train, validation): patient-disjoint when ``groups`` is given, else stratified by label.
-
-    A split too small to stratify (fewer validation images than classes, or a class with one image)
-    falls back to an unstratified shuffle split, with a warning; fewer than two images (or patients)
-    is one clear error naming the dataset.
-    """
-    from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit, StratifiedShuffleSplit
-
-    if not 0.0 < val_fraction < 1.0:
-        raise UsfmaeError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    units = len(set(groups.tolist())) if groups is not None else len(labels)
-    if units < 2:
-        what = "patients" if groups is not None else "training images"
-        raise UsfmaeError(f"{dataset}: {units} {what} cannot be split into train and validation; at least 2 are needed")
-    if groups is not None:
-        splitter = GroupShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
-        return next(splitter.split(labels, labels, groups))
-    n_validation = max(1, int(np.ceil(val_fraction * len(labels))))
-    _, counts = np.unique(labels, return_counts=True)
-    if n_validation < len(counts) or counts.min() < 2 or len(labels) - n_validation < len(counts):
-        logger.warning(
-            "%s: %d training images in %d classes are too few for a stratified %.0f%% validation split; "
-            "using an unstratified one (some classes may be missing from validation)",
-            dataset,
-            len(labels),
-            len(counts),
-            100 * val_fraction,
-        )
-        splitter = ShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
-        return next(splitter.split(labels))
-    splitter = StratifiedShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
-    return next(splitter.split(labels, labels))
 
 
 def _dataset_dict(
@@ -125,10 +58,6 @@ def _dataset_dict(
     )
 
 
-def _take(columns: dict[str, list], indices) -> dict[str, list]:
-    return {key: [values[i] for i in indices] for key, values in columns.items()}
-
-
 def load_busbra(root: str | os.PathLike, fold: int = 1, n_folds: int = 5, val_fraction: float = 0.2, seed: int = 0):
     """BUS-BRA benign/malignant with the official patient-disjoint test fold and a patient-level validation split.
 
@@ -139,7 +68,7 @@ def load_busbra(root: str | os.PathLike, fold: int = 1, n_folds: int = 5, val_fr
     """
     import pandas as pd
 
-    csv_path = _find_marker(root, "bus_data.csv", "BUS-BRA")
+    csv_path = find_marker(root, "bus_data.csv", "BUS-BRA")
     folds_path = csv_path.parent / f"{n_folds}-fold-cv.csv"
     if not folds_path.is_file():
         raise UsfmaeError(f"BUS-BRA: {folds_path} is missing (n_folds={n_folds}; the release has 5 and 10)")
@@ -151,16 +80,16 @@ def load_busbra(root: str | os.PathLike, fold: int = 1, n_folds: int = 5, val_fr
     pathology = table["Pathology"].str.strip().str.lower()
     if not pathology.isin(BUSBRA_CLASSES).all():
         raise UsfmaeError(f"BUS-BRA: unexpected Pathology values {sorted(set(pathology) - set(BUSBRA_CLASSES))}")
-    files = _image_files(csv_path.parent / "Images", "BUS-BRA")
+    files = image_files(csv_path.parent / "Images", "BUS-BRA")
     columns = {
-        "image": _resolve(files, [f"{i}.png" for i in table["ID"]], "BUS-BRA"),
+        "image": resolve_files(files, [f"{i}.png" for i in table["ID"]], "BUS-BRA"),
         "label": [BUSBRA_CLASSES.index(p) for p in pathology],
         "id": list(table["ID"]),
         "case": list(table["Case"]),
     }
     is_test = table[f"valid_{fold}"].isna().to_numpy()
     rest = np.flatnonzero(~is_test)
-    train, validation = _carve_validation(
+    train, validation = carve_validation(
         np.asarray(columns["label"])[rest], table["Case"].to_numpy()[rest], val_fraction, seed, dataset="BUS-BRA"
     )
     description = (
@@ -170,24 +99,11 @@ def load_busbra(root: str | os.PathLike, fold: int = 1, n_folds: int = 5, val_fr
         f"valid_{fold} train/validation assignment is not used."
     )
     splits = {
-        "train": _take(columns, rest[train]),
-        "validation": _take(columns, rest[validation]),
-        "test": _take(columns, np.flatnonzero(is_test)),
+        "train": take_rows(columns, rest[train]),
+        "validation": take_rows(columns, rest[validation]),
+        "test": take_rows(columns, np.flatnonzero(is_test)),
     }
     return _dataset_dict(splits, BUSBRA_CLASSES, description, extra=("case",))
-
-
-def _read_cls_file(path: Path) -> tuple[list[str], list[int]]:
-    names, labels = [], []
-    for line_number, line in enumerate(path.read_text().splitlines(), 1):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) != 2 or not fields[1].isdigit():
-            raise UsfmaeError(f"{path}:{line_number}: expected '<image> <label>', got {line!r}")
-        names.append(fields[0])
-        labels.append(int(fields[1]))
-    return names, labels
 
 
 def load_mmotu2d(root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0):
@@ -196,26 +112,26 @@ def load_mmotu2d(root: str | os.PathLike, val_fraction: float = 0.2, seed: int =
     The release's ``val_cls.txt`` is its test set; validation is carved from ``train_cls.txt``,
     stratified by class (there are no patient ids, so only image content can be checked for leakage).
     """
-    train_file = _find_marker(root, "train_cls.txt", "MMOTU-2D")
+    train_file = find_marker(root, "train_cls.txt", "MMOTU-2D")
     test_file = train_file.parent / "val_cls.txt"
     if not test_file.is_file():
         raise UsfmaeError(f"MMOTU-2D: {test_file} is missing")
-    files = _image_files(train_file.parent / "images", "MMOTU-2D")
+    files = image_files(train_file.parent / "images", "MMOTU-2D")
 
     def columns(path: Path) -> dict[str, list]:
-        names, labels = _read_cls_file(path)
+        names, labels = read_cls_file(path)
         if bad := sorted({label for label in labels if label >= len(MMOTU2D_CLASSES)}):
             raise UsfmaeError(f"{path}: labels {bad} are outside 0..{len(MMOTU2D_CLASSES) - 1}")
-        return {"image": _resolve(files, names, "MMOTU-2D"), "label": labels, "id": [Path(n).stem for n in names]}
+        return {"image": resolve_files(files, names, "MMOTU-2D"), "label": labels, "id": [Path(n).stem for n in names]}
 
     train_all, test = columns(train_file), columns(test_file)
-    train, validation = _carve_validation(np.asarray(train_all["label"]), None, val_fraction, seed, dataset="MMOTU-2D")
+    train, validation = carve_validation(np.asarray(train_all["label"]), None, val_fraction, seed, dataset="MMOTU-2D")
     description = (
         "MMOTU-2D ovarian tumour classification (8 classes). test: the release's val_cls.txt. "
         f"train/validation: train_cls.txt split with StratifiedShuffleSplit(test_size={val_fraction}, "
         f"random_state={seed}); no patient ids are published."
     )
-    splits = {"train": _take(train_all, train), "validation": _take(train_all, validation), "test": test}
+    splits = {"train": take_rows(train_all, train), "validation": take_rows(train_all, validation), "test": test}
     return _dataset_dict(splits, MMOTU2D_CLASSES, description)
 
 
@@ -245,17 +161,17 @@ def load_gist514(root: str | os.PathLike, split: int = 0, val_fraction: float = 
     """
     if not 0 <= split <= 4:
         raise UsfmaeError(f"GIST514-DB: split must be in 0..4, got {split}")
-    train_file = _find_marker(root, f"train_anno_crop_split_{split}.json", "GIST514-DB")
+    train_file = find_marker(root, f"train_anno_crop_split_{split}.json", "GIST514-DB")
     test_file = train_file.parent / f"val_anno_crop_split_{split}.json"
     if not test_file.is_file():
         raise UsfmaeError(f"GIST514-DB: {test_file} is missing")
-    files = _image_files(train_file.parent.parent / "images", "GIST514-DB")
+    files = image_files(train_file.parent.parent / "images", "GIST514-DB")
 
     def columns(path: Path) -> tuple[dict[str, list], tuple[str, ...]]:
         names, labels, classes = _read_coco_labels(path)
         names = [re.split(r"[\\/]", n)[-1] for n in names]
         return {
-            "image": _resolve(files, names, "GIST514-DB"),
+            "image": resolve_files(files, names, "GIST514-DB"),
             "label": labels,
             "id": [Path(n).stem for n in names],
         }, classes
@@ -263,13 +179,11 @@ def load_gist514(root: str | os.PathLike, split: int = 0, val_fraction: float = 
     (train_all, classes), (test, test_classes) = columns(train_file), columns(test_file)
     if classes != test_classes:
         raise UsfmaeError(f"GIST514-DB: train and test categories differ: {classes} vs {test_classes}")
-    train, validation = _carve_validation(
-        np.asarray(train_all["label"]), None, val_fraction, seed, dataset="GIST514-DB"
-    )
+    train, validation = carve_validation(np.asarray(train_all["label"]), None, val_fraction, seed, dataset="GIST514-DB")
     description = (
         f"GIST514-DB endoscopic ultrasound, classes {list(classes)} (lmym = leiomyoma). test: "
         f"val_anno_crop_split_{split}.json; train/validation: train_anno_crop_split_{split}.json split with "
         f"StratifiedShuffleSplit(test_size={val_fraction}, random_state={seed}); patient ids unverified, not used."
     )
-    splits = {"train": _take(train_all, train), "validation": _take(train_all, validation), "test": test}
+    splits = {"train": take_rows(train_all, train), "validation": take_rows(train_all, validation), "test": test}
     return _dataset_dict(splits, classes, description)

@@ -51,7 +51,10 @@ def load_labelled_images(
     if sum(sources) != 1:
         raise UsfmaeError("give exactly one data source: --train_dir, --dataset_name or --task")
     if task is not None:
-        return _load_task(task, data_root, fold)
+        from usfmae_hf.evaluation import adapters
+        from usfmae_hf.evaluation.dataset_files import load_task
+
+        return load_task(TASKS, task, data_root, fold, adapters)
     if train_dir is not None:
         dirs = {"train": train_dir, "validation": validation_dir, "test": test_dir}
         dirs = {split: Path(path) for split, path in dirs.items() if path is not None}
@@ -86,22 +89,6 @@ def load_labelled_images(
 def task_display_name(task: str) -> str:
     """The dataset name used in model cards for a ``--task`` (e.g. ``"BUS-BRA"``)."""
     return TASKS[task][2]
-
-
-def _load_task(task: str, data_root: str | None, fold: int | None):
-    from usfmae_hf.evaluation import adapters
-
-    if task not in TASKS:
-        raise UsfmaeError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    if data_root is None:
-        raise UsfmaeError(f"--task {task} needs --data_root (the folder where the dataset was unpacked)")
-    loader_name, fold_keyword, display = TASKS[task]
-    kwargs = {}
-    if fold is not None:
-        if fold_keyword is None:
-            raise UsfmaeError(f"{display} has a single official split; --fold does not apply")
-        kwargs[fold_keyword] = fold
-    return getattr(adapters, loader_name)(data_root, **kwargs)
 
 
 def _with_folder_ids(dataset, root: Path):
@@ -171,8 +158,10 @@ def drop_unreadable(dataset, *, skip: bool):
             for i, image in enumerate(tqdm(images, desc=f"checking {split} images", leave=False))
             if not _is_readable(image)
         ]
+        names = [ds["id"][i] for i in bad[:5]]
+        if bad and len(bad) == len(ds):
+            raise UnreadableImageError(f"none of the {len(ds)} {split} image(s) can be decoded, e.g. {names}; fix them")
         if bad and not skip:
-            names = [ds["id"][i] for i in bad[:5]]
             raise UnreadableImageError(
                 f"{len(bad)} {split} image(s) cannot be decoded, e.g. {names}; fix them or pass --skip_unreadable"
             )

@@ -23,14 +23,14 @@ all images) and over the foreground classes ``1..num_labels-1`` (background is r
 :func:`segmentation_report` is the one call for a fine-tuning run; :func:`score_images` with
 :func:`summarise` and :func:`per_image_rows` gives the summary and a per-image CSV from one scoring
 pass. :func:`load_segmentation_metric` returns the same computation as an ``evaluate`` module
-(``ultrasound_segmentation/`` beside this file, loaded by path, so it works offline).
+(``ultrasound_segmentation/`` beside this file, loaded by path, so it works offline). Instance mask
+mAP is :mod:`usfmae_hf.evaluation.instance_metrics`' (its :func:`instance_average_precision` is
+importable from here too); the input checks are :mod:`usfmae_hf.evaluation.segmentation_inputs`'.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +39,35 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from usfmae_hf.evaluation.instance_metrics import instance_average_precision
+from usfmae_hf.evaluation.segmentation_inputs import (
+    check_lengths,
+    checked_label_maps,
+    checked_label_names,
+    default_label_names,
+    mean_or_none,
+)
+
+__all__ = [
+    "METRIC_DIR",
+    "ImageScores",
+    "Spacing",
+    "default_label_names",
+    "dice_iou",
+    "hd95",
+    "instance_average_precision",
+    "load_segmentation_metric",
+    "per_image_rows",
+    "score_images",
+    "segmentation_report",
+    "summarise",
+    "surface",
+]
+
 METRIC_DIR = Path(__file__).parent / "ultrasound_segmentation"
 
 #: 4-connected structuring element: a mask pixel is on the surface if one of its 4 neighbours is not
 _SURFACE_STRUCTURE = ndimage.generate_binary_structure(2, 1)
-#: 8-connectivity for lesion instances
-_INSTANCE_STRUCTURE = np.ones((3, 3), dtype=bool)
 
 Spacing = tuple[float, float] | None
 
@@ -76,11 +99,6 @@ def load_segmentation_metric():
     import evaluate
 
     return evaluate.load(str(METRIC_DIR), keep_in_memory=True)
-
-
-def default_label_names(num_labels: int) -> list[str]:
-    """``["background", "class_1", ...]``: the names used when none are given."""
-    return ["background"] + [f"class_{index}" for index in range(1, num_labels)]
 
 
 def dice_iou(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -138,12 +156,12 @@ def score_images(
 
     ``pixel_spacings`` holds one (row, col) spacing in mm, or None, per image.
     """
-    _check_lengths(predictions, references, pixel_spacings, "pixel_spacings")
+    check_lengths(predictions, references, pixel_spacings, "pixel_spacings")
     spacings = list(pixel_spacings) if pixel_spacings is not None else [None] * len(references)
     scores = []
     for prediction, reference, spacing in zip(predictions, references, spacings, strict=True):
         spacing = _checked_spacing(spacing)
-        prediction, reference, valid = _checked_pair(prediction, reference, num_labels, ignore_index)
+        prediction, reference, valid = checked_label_maps(prediction, reference, num_labels, ignore_index)
         codes = reference[valid] * num_labels + prediction[valid]
         confusion = np.bincount(codes, minlength=num_labels * num_labels).reshape(num_labels, num_labels)
         dice, iou = dice_iou(confusion)
@@ -172,7 +190,7 @@ def summarise(scores: Sequence[ImageScores], label_names: Sequence[str] | None =
     if not scores:
         raise ValueError("no images to evaluate")
     num_labels = len(scores[0].dice)
-    names = _checked_names(label_names, num_labels)
+    names = checked_label_names(label_names, num_labels)
     pooled = np.sum([image.confusion for image in scores], axis=0)
     pooled_dice, pooled_iou = dice_iou(pooled)
     in_reference = np.array([image.in_reference for image in scores])
@@ -187,8 +205,8 @@ def summarise(scores: Sequence[ImageScores], label_names: Sequence[str] | None =
             "iou": float(np.mean([image.iou[label] for image in scores])),
             "dice_pooled": float(pooled_dice[label]),
             "iou_pooled": float(pooled_iou[label]),
-            "hd95_px": _mean_or_none(hd95_px),
-            "hd95_mm": _mean_or_none(hd95_mm),
+            "hd95_px": mean_or_none(hd95_px),
+            "hd95_mm": mean_or_none(hd95_mm),
             "images": len(scores),
             "empty": int((~in_reference[:, label] & ~in_prediction[:, label]).sum()),
             "reference_only": int((in_reference[:, label] & ~in_prediction[:, label]).sum()),
@@ -206,8 +224,8 @@ def summarise(scores: Sequence[ImageScores], label_names: Sequence[str] | None =
         "iou_mean": float(np.mean([entry["iou"] for entry in foreground])),
         "dice_pooled_mean": float(np.mean([entry["dice_pooled"] for entry in foreground])),
         "iou_pooled_mean": float(np.mean([entry["iou_pooled"] for entry in foreground])),
-        "hd95_px_mean": _mean_or_none([entry["hd95_px"] for entry in foreground if entry["hd95_px"] is not None]),
-        "hd95_mm_mean": _mean_or_none([entry["hd95_mm"] for entry in foreground if entry["hd95_mm"] is not None]),
+        "hd95_px_mean": mean_or_none([entry["hd95_px"] for entry in foreground if entry["hd95_px"] is not None]),
+        "hd95_mm_mean": mean_or_none([entry["hd95_mm"] for entry in foreground if entry["hd95_mm"] is not None]),
         "hd95_px_undefined_classes": [name for name in names[1:] if per_class[name]["hd95_px"] is None],
         "hd95_mm_undefined_classes": [name for name in names[1:] if per_class[name]["hd95_mm"] is None],
         "pixel_accuracy": float(np.trace(pooled) / total_pixels) if total_pixels else None,
@@ -230,7 +248,7 @@ def per_image_rows(
     ids = [str(index) for index in range(len(scores))] if image_ids is None else [str(i) for i in image_ids]
     rows = []
     for image_id, image in zip(ids, scores, strict=True):
-        names = _checked_names(label_names, len(image.dice))
+        names = checked_label_names(label_names, len(image.dice))
         for label, name in enumerate(names):
             rows.append(
                 {
@@ -243,106 +261,6 @@ def per_image_rows(
                 }
             )
     return rows
-
-
-def instance_average_precision(
-    predictions: Sequence[np.ndarray],
-    references: Sequence[np.ndarray],
-    num_labels: int,
-    label_names: Sequence[str] | None = None,
-    prediction_scores: Sequence[np.ndarray] | None = None,
-    ignore_index: int | None = None,
-) -> dict[str, Any]:
-    """COCO mask mAP (IoU 0.50:0.95) and mAP@50 over connected lesion instances, via pycocotools.
-
-    Instances: for every foreground class ``c`` (``1..num_labels-1``, one COCO category each), the
-    connected components (``scipy.ndimage.label``, 8-connectivity) of ``reference == c`` are the ground
-    truth and those of ``prediction == c`` the detections, each encoded with
-    ``pycocotools.mask.encode`` (``iscrowd=0``); predicted pixels on ignored reference pixels are removed
-    first. Score of a detection: the mean of ``prediction_scores[i]`` over its pixels, where
-    ``prediction_scores[i]`` is an ``H x W`` map of the softmax probability of the predicted class at each
-    pixel (``probabilities.max(axis=0)`` for argmax predictions), i.e. the mean probability of class ``c``
-    over the component; 1.0 when no scores are given (COCOeval's stable sort then ranks ties by image,
-    then by component in raster order). Every image takes part, including those without ground-truth
-    instances, whose detections are false positives.
-
-    Evaluation: ``COCOeval(iouType="segm")`` with default parameters (IoU thresholds 0.50:0.05:0.95,
-    101-point interpolated precision, area range "all", at most 100 detections per image and class);
-    ``map`` and ``map_50`` are the values ``COCOeval.summarize`` prints first and second (mean over the
-    categories with at least one ground-truth instance; detections of a class absent from every
-    reference therefore cost nothing). A class without ground-truth instances has AP ``None``, as has
-    ``map`` when no class has any; with ground truth but no detection at all, AP is 0.0.
-    """
-    from pycocotools import mask as mask_utils
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    _check_lengths(predictions, references, prediction_scores, "prediction_scores")
-    names = _checked_names(label_names, num_labels)
-    categories = list(range(1, num_labels))
-    images, truths, detections = [], [], []
-    for index, (prediction, reference) in enumerate(zip(predictions, references, strict=True)):
-        prediction, reference, valid = _checked_pair(prediction, reference, num_labels, ignore_index)
-        confidence = None if prediction_scores is None else _checked_scores(prediction_scores[index], prediction)
-        image_id = index + 1
-        images.append({"id": image_id, "height": reference.shape[0], "width": reference.shape[1]})
-        for category in categories:
-            for component in _components((reference == category) & valid):
-                rle = mask_utils.encode(np.asfortranarray(component, dtype=np.uint8))
-                truths.append(
-                    {
-                        "id": len(truths) + 1,  # COCOeval treats id 0 as "unmatched"
-                        "image_id": image_id,
-                        "category_id": category,
-                        "segmentation": rle,
-                        "area": float(mask_utils.area(rle)),
-                        "bbox": mask_utils.toBbox(rle).tolist(),
-                        "iscrowd": 0,
-                    }
-                )
-            for component in _components((prediction == category) & valid):
-                score = 1.0 if confidence is None else float(confidence[component].mean())
-                rle = mask_utils.encode(np.asfortranarray(component, dtype=np.uint8))
-                detections.append({"image_id": image_id, "category_id": category, "segmentation": rle, "score": score})
-
-    per_class_counts = {
-        names[category]: {
-            "reference_instances": sum(t["category_id"] == category for t in truths),
-            "predicted_instances": sum(d["category_id"] == category for d in detections),
-        }
-        for category in categories
-    }
-    ap = _no_ap(categories)
-    if truths and detections:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            ground_truth = COCO()
-            ground_truth.dataset = {
-                "images": images,
-                "annotations": truths,
-                "categories": [{"id": category, "name": names[category]} for category in categories],
-            }
-            ground_truth.createIndex()
-            evaluation = COCOeval(ground_truth, ground_truth.loadRes(detections), iouType="segm")
-            evaluation.params.imgIds = [image["id"] for image in images]
-            evaluation.params.catIds = categories
-            evaluation.evaluate()
-            evaluation.accumulate()
-        ap = _ap_from_precision(evaluation.eval["precision"], evaluation.params)
-    elif truths:  # ground truth but no detection: every class with ground truth scores 0
-        ap = {
-            key: [0.0 if per_class_counts[names[c]]["reference_instances"] else None for c in categories] for key in ap
-        }
-    per_class = {
-        names[category]: {"ap": ap["ap"][i], "ap_50": ap["ap_50"][i], **per_class_counts[names[category]]}
-        for i, category in enumerate(categories)
-    }
-    return {
-        "map": _mean_or_none([value for value in ap["ap"] if value is not None]),
-        "map_50": _mean_or_none([value for value in ap["ap_50"] if value is not None]),
-        "reference_instances": len(truths),
-        "predicted_instances": len(detections),
-        "per_class": per_class,
-    }
 
 
 def segmentation_report(
@@ -370,29 +288,6 @@ def segmentation_report(
     return report
 
 
-def _checked_pair(
-    prediction: np.ndarray, reference: np.ndarray, num_labels: int, ignore_index: int | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Integer label maps of one image and the mask of its pixels that count; ValueError on bad input."""
-    if num_labels < 2:
-        raise ValueError(f"num_labels must be at least 2 (background and one class), got {num_labels}")
-    prediction, reference = np.asarray(prediction), np.asarray(reference)
-    for name, array in (("prediction", prediction), ("reference", reference)):
-        if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(f"each {name} must be an H x W integer label map, got {array.dtype} {array.shape}")
-    if prediction.shape != reference.shape:
-        raise ValueError(f"prediction {prediction.shape} and reference {reference.shape} of an image differ")
-    prediction, reference = prediction.astype(np.int64), reference.astype(np.int64)
-    valid = reference != ignore_index if ignore_index is not None else np.ones(reference.shape, dtype=bool)
-    for name, values in (("prediction", prediction), ("reference", reference[valid])):
-        if values.size and (values.min() < 0 or values.max() >= num_labels):
-            raise ValueError(
-                f"{name} labels must lie in [0, {num_labels}) (or be ignore_index={ignore_index} in a reference), "
-                f"got {values.min()}..{values.max()}"
-            )
-    return prediction, reference, valid
-
-
 def _checked_spacing(spacing: Spacing) -> Spacing:
     if spacing is None:
         return None
@@ -400,59 +295,3 @@ def _checked_spacing(spacing: Spacing) -> Spacing:
     if len(values) != 2 or not all(np.isfinite(value) and value > 0 for value in values):
         raise ValueError(f"pixel spacing must be (row, col) positive numbers or None, got {spacing}")
     return values
-
-
-def _checked_scores(scores: np.ndarray, prediction: np.ndarray) -> np.ndarray:
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.shape != prediction.shape:
-        raise ValueError(f"prediction scores {scores.shape} must match the prediction {prediction.shape}")
-    if not np.isfinite(scores).all() or scores.min() < 0 or scores.max() > 1:
-        raise ValueError("prediction scores must be probabilities in [0, 1]")
-    return scores
-
-
-def _check_lengths(predictions: Sequence, references: Sequence, extra: Sequence | None, extra_name: str) -> None:
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-    if extra is not None and len(extra) != len(references):
-        raise ValueError(f"{len(extra)} {extra_name} for {len(references)} images")
-
-
-def _checked_names(label_names: Sequence[str] | None, num_labels: int) -> list[str]:
-    names = default_label_names(num_labels) if label_names is None else [str(name) for name in label_names]
-    if len(names) != num_labels or len(set(names)) != num_labels:
-        raise ValueError(f"label_names must be {num_labels} distinct names, got {names}")
-    return names
-
-
-def _components(mask: np.ndarray) -> list[np.ndarray]:
-    """Boolean masks of the 8-connected components of ``mask``."""
-    labelled, count = ndimage.label(mask, structure=_INSTANCE_STRUCTURE)
-    return [labelled == index for index in range(1, count + 1)]
-
-
-def _mean_or_none(values: Sequence[float]) -> float | None:
-    return float(np.mean(values)) if len(values) else None
-
-
-def _no_ap(categories: Sequence[int]) -> dict[str, list[float | None]]:
-    return {"ap": [None] * len(categories), "ap_50": [None] * len(categories)}
-
-
-def _ap_from_precision(precision: np.ndarray, params) -> dict[str, list[float | None]]:
-    """Per-category AP over all IoU thresholds and at 0.50 from ``COCOeval.eval["precision"]``.
-
-    ``precision`` has shape (IoU thresholds, recall thresholds, categories, area ranges, max detections)
-    and holds -1 for categories without ground truth; like ``COCOeval.summarize`` this takes area range
-    "all" and 100 detections.
-    """
-    area = params.areaRngLbl.index("all")
-    detections = params.maxDets.index(100)
-    at_50 = int(np.flatnonzero(np.isclose(params.iouThrs, 0.5))[0])
-    result = _no_ap(params.catIds)
-    for k in range(len(params.catIds)):
-        values = precision[:, :, k, area, detections]
-        if (values > -1).any():
-            result["ap"][k] = float(values[values > -1].mean())
-            result["ap_50"][k] = float(values[at_50][values[at_50] > -1].mean())
-    return result

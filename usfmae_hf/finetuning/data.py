@@ -1,7 +1,7 @@
 """Fine-tuning's view of labelled data: on-the-fly training and evaluation transforms.
 
 Loading, the ``--task`` names and label checks live in :mod:`usfmae_hf.evaluation.labelled` (probing
-uses them too); they are re-exported here for the fine-tuning modules.
+uses them too); they are re-exported here.
 """
 
 from __future__ import annotations

@@ -32,10 +32,15 @@ def write_card(
     training_args: TrainingArguments,
     state: TrainerState,
     evaluation_notes: str,
+    warnings: Sequence[str] = (),
 ) -> None:
     """Write the run's model card (``README.md``): the initial weights (``model_name_or_path``, named by the card),
     hyperparameters, the optimizer steps and epochs actually run (``state``, i.e. ``trainer.state``: with
-    ``--max_steps`` they are not ``--num_train_epochs``) and ``model-index`` results."""
+    ``--max_steps`` they are not ``--num_train_epochs``) and ``model-index`` results.
+
+    ``warnings`` (e.g. a class absent from an evaluated split, as ``all_results.json`` records them) are shown in
+    the results section, one ``> **Warning:**`` line each, before ``evaluation_notes``. A LoRA run's card (``peft``
+    in ``recipe``) shows how to load the adapter onto its base model (``model_name_or_path``)."""
     from usfmae_hf.publishing.cards import render_model_card
 
     hyperparameters = {key: value for key, value in recipe.items() if value is not None}
@@ -51,9 +56,14 @@ def write_card(
         initialised_from=model_name_or_path,
         results=results,
         repo_id=training_args.hub_model_id,
-        extra={"training": hyperparameters, "evaluation_notes": evaluation_notes},
+        extra={"training": hyperparameters, "evaluation_notes": card_notes(evaluation_notes, warnings)},
     )
     card.save(Path(training_args.output_dir) / "README.md")
+
+
+def card_notes(evaluation_notes: str, warnings: Sequence[str]) -> str:
+    """The paragraph under the card's results: one visible line per warning, then ``evaluation_notes``."""
+    return "\n\n".join([*(f"> **Warning:** {' '.join(warning.split())}" for warning in warnings), evaluation_notes])
 
 
 def write_training_arguments(training_args: TrainingArguments) -> None:

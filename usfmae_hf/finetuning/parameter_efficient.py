@@ -178,9 +178,7 @@ def resolve_head_modules(model: nn.Module, head_modules: Sequence[str] | None = 
         encoder = _encoder_name(model)
         if encoder is None:
             raise UsfmaeError(f"cannot tell the encoder of {type(model).__name__} from its head; name the head modules")
-        head_modules = [
-            name for name, child in model.named_children() if name != encoder and any(True for _ in child.parameters())
-        ]
+        head_modules = [name for name, child in model.named_children() if name != encoder and _has_parameters(child)]
         if not head_modules:
             raise UsfmaeError(f"{type(model).__name__} has no head module beside its encoder; name the head modules")
     for name in head_modules:
@@ -253,24 +251,14 @@ def _wrap_lora(
 ) -> PeftModel:
     from peft import LoraConfig, get_peft_model
 
-    # peft picks the modules_to_save by plain name suffix: "head" would also take any "...head" module.
-    stray = [
-        name
-        for name, _ in model.named_modules()
-        if name.endswith(tuple(heads)) and not any(_inside(name, head) for head in heads)
-    ]
-    if stray:
-        raise UsfmaeError(
-            f"head module names {heads} also match {stray[0]} (peft matches them by suffix); "
-            "name that module as a head too"
-        )
+    modules_to_save = peft_module_names(model, heads)
     targets = _lora_targets(model, args.lora_target_modules, heads)
     config = LoraConfig(
         r=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=targets,
-        modules_to_save=heads,
+        modules_to_save=modules_to_save,
     )
     peft_model = get_peft_model(model, config)
     if base_model_name_or_path is not None:
@@ -278,6 +266,51 @@ def _wrap_lora(
         peft_model.peft_config["default"].base_model_name_or_path = str(base_model_name_or_path)
     logger.info("LoRA r=%d alpha=%s on %s; trained in full: %s", args.lora_rank, args.lora_alpha, targets, heads)
     return peft_model
+
+
+def peft_module_names(model: nn.Module, heads: Sequence[str]) -> list[str]:
+    """The ``modules_to_save`` names under which peft wraps exactly the ``heads`` (outermost head modules).
+
+    peft takes every module whose name ends with one of them, as a plain string: ``head`` also takes DPT's
+    ``head.head`` inside it and ``auxiliary_head``. A module wrapped inside another wrapped one trains, but its
+    adapter no longer loads (peft maps the saved keys twice), so a head that contains (or is) such a match is
+    named by its children instead: DPT's ``head`` by ``head.head``. A match outside the heads is refused.
+    """
+    names = [name for name, _ in model.named_modules() if name]
+
+    def matches(target: str) -> list[str]:
+        return [name for name in names if name.endswith(target)]
+
+    targets = sorted(heads)
+    while True:
+        matched = sorted({name for target in targets for name in matches(target)})
+        stray = next((name for name in matched if not any(_inside(name, head) for head in heads)), None)
+        if stray is not None:
+            raise UsfmaeError(
+                f"head module names {list(heads)} also match {stray} (peft matches them by suffix); "
+                "name that module as a head too"
+            )
+        outer = next((a for a in matched if any(b != a and _inside(b, a) for b in matched)), None)
+        if outer is None:
+            return targets
+        refined = []
+        for target in targets:
+            if not outer.endswith(target):
+                refined.append(target)
+                continue
+            module = model.get_submodule(target)
+            children = [f"{target}.{name}" for name, child in module.named_children() if _has_parameters(child)]
+            if any(True for _ in module.parameters(recurse=False)) or not children:
+                raise UsfmaeError(
+                    f"head module {target} of {type(model).__name__} cannot be named apart from {outer} for peft "
+                    "(it matches by name suffix); name other head modules"
+                )
+            refined += children
+        targets = sorted(refined)
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
 
 
 def _lora_targets(model: nn.Module, requested: Sequence[str] | None, heads: list[str]) -> list[str] | str:

@@ -40,7 +40,7 @@ def _classifier_directory(path: Path) -> str:
     if not any(name.endswith("ForImageClassification") for name in architectures):
         raise UsfmaeError(
             f"{path}: not an image classifier (config.json architectures: {architectures or 'none'}); fine-tune one "
-            "with training/finetune_classification.py, or use 'image-feature-extraction' on an encoder"
+            "with `usfmae finetune`, or use 'image-feature-extraction' on an encoder"
         )
     return str(path)
 

@@ -65,7 +65,7 @@ def load_segmenter(
     if model_type != "dpt":
         raise UsfmaeError(
             f"{path}: holds a {model_type!r} model, not a segmentation model (fine-tune one with "
-            "training/finetune_segmentation.py)"
+            "`usfmae finetune-segmentation`)"
         )
     with quiet_loading_report():
         model = DPTForSemanticSegmentation.from_pretrained(path)

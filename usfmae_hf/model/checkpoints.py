@@ -2,14 +2,15 @@
 
 Checkpoints are untrusted pickles. They are only ever opened with ``torch.load(weights_only=True)``
 (or as safetensors), which refuses any pickle that would import and call arbitrary code. Every
-failure becomes a :class:`~usfmae_hf.errors.CheckpointError` with a one-line message.
+failure becomes a :class:`~usfmae_hf.errors.CheckpointError` with a one-line message. The layout a
+checkpoint must have (keys and shapes) is :mod:`usfmae_hf.model.mae_layout`'s; its
+``validate_mae_state_dict`` and ``expected_keys`` are importable from here too.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import pickle
 import re
 import warnings
@@ -22,6 +23,21 @@ import torch
 from usfmae_hf.errors import CheckpointError
 from usfmae_hf.failures import one_line
 from usfmae_hf.model.keys import is_decoder_key
+from usfmae_hf.model.mae_layout import count_blocks, expected_keys, grid_side, validate_mae_state_dict
+
+__all__ = [
+    "DECODER_HEADS",
+    "ENCODER_HEADS_BY_WIDTH",
+    "LAYOUT_ENCODER_ONLY",
+    "LAYOUT_MAE_CHECKPOINT",
+    "LAYOUT_STATE_DICT",
+    "OriginalCheckpoint",
+    "expected_keys",
+    "infer_vitmae_config_kwargs",
+    "load_original_checkpoint",
+    "sha256_of_file",
+    "validate_mae_state_dict",
+]
 
 # Layout names recorded in the provenance of converted models.
 LAYOUT_STATE_DICT = "state_dict"  # torch.save(model.state_dict()), what USF-MAE saves
@@ -31,40 +47,6 @@ LAYOUT_ENCODER_ONLY = "encoder_only"  # no decoder_* / mask_token, as Meta's "pr
 # Hidden size -> attention heads of the standard ViT sizes; heads cannot be read off shapes.
 ENCODER_HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 DECODER_HEADS = 16  # every released MAE decoder uses 16 heads
-
-_BLOCK_INNER_SUFFIXES = (
-    "norm1.weight",
-    "norm1.bias",
-    "attn.qkv.weight",
-    "attn.qkv.bias",
-    "attn.proj.weight",
-    "attn.proj.bias",
-    "norm2.weight",
-    "norm2.bias",
-    "mlp.fc1.weight",
-    "mlp.fc1.bias",
-    "mlp.fc2.weight",
-    "mlp.fc2.bias",
-)
-_ENCODER_TOP = (
-    "cls_token",
-    "pos_embed",
-    "patch_embed.proj.weight",
-    "patch_embed.proj.bias",
-    "norm.weight",
-    "norm.bias",
-)
-_DECODER_TOP = (
-    "mask_token",
-    "decoder_pos_embed",
-    "decoder_embed.weight",
-    "decoder_embed.bias",
-    "decoder_norm.weight",
-    "decoder_norm.bias",
-    "decoder_pred.weight",
-    "decoder_pred.bias",
-)
-_BLOCK_INDEX = re.compile(r"^(blocks|decoder_blocks)\.(\d+)\.")
 # Wrappers some training frameworks add in front of every key.
 _KEY_PREFIXES = ("module.", "_orig_mod.")
 
@@ -118,6 +100,7 @@ def load_original_checkpoint(path: str | Path) -> OriginalCheckpoint:
         raise CheckpointError(
             f"{path}: not a state dict: {len(non_tensors)} entries are not tensors, e.g. {non_tensors[0]!r}"
         )
+    _check_tensors(raw, path)
 
     state_dict = {_strip_wrappers(key): value for key, value in raw.items()}
     if not any(is_decoder_key(key) for key in state_dict):
@@ -126,12 +109,27 @@ def load_original_checkpoint(path: str | Path) -> OriginalCheckpoint:
     return OriginalCheckpoint(state_dict, layout, sha256_of_file(path), path, extra)
 
 
+def _check_tensors(raw: dict, path: Path) -> None:
+    """Refuse what no MAE state dict holds: keys that are not strings, sparse or non-float tensors."""
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: not a state dict: key {key!r} is not a string")
+        if value.layout != torch.strided:
+            raise CheckpointError(f"{path}: {key} is a sparse tensor ({value.layout}); MAE weights are dense")
+        if not value.is_floating_point():
+            raise CheckpointError(
+                f"{path}: {key} holds {value.dtype} values; MAE weights are floating point (fp32, fp16, bf16, fp64)"
+            )
+
+
 def _read_pickle(path: Path):
     try:
         # mmap keeps peak memory near the file size; Namespace is how MAE stores its "args".
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
             # torch warns (in lines mentioning weights_only) about protocol-4 pickles; the error below says it.
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            # a sparse tensor is refused below, in one line: torch's note on checking it is noise
+            warnings.filterwarnings("ignore", message="Validating sparse tensor invariants", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as error:
         match = re.search(r"GLOBAL ([\w.]+)", str(error))
@@ -217,7 +215,6 @@ def _scan_pickles(pickletools, data: bytes, count: int) -> tuple[str | None, boo
         except Exception:  # not a pickle, or past the last one (raw storage bytes)
             return None, number > 0
     return None, True
-    return None
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -241,124 +238,6 @@ def _strip_wrappers(key: str) -> str:
     return key
 
 
-def _count_blocks(state_dict: dict[str, torch.Tensor], stack: str) -> int:
-    indices = {int(m.group(2)) for key in state_dict if (m := _BLOCK_INDEX.match(key)) and m.group(1) == stack}
-    if indices and indices != set(range(max(indices) + 1)):
-        missing = sorted(set(range(max(indices) + 1)) - indices)
-        raise CheckpointError(f"{stack}: block indices are not contiguous (missing {missing})")
-    return len(indices)
-
-
-def expected_keys(depth: int, decoder_depth: int | None) -> set[str]:
-    """The full original-layout key set of an MAE with these depths (``None``: encoder only)."""
-    keys = set(_ENCODER_TOP) | {f"blocks.{i}.{s}" for i in range(depth) for s in _BLOCK_INNER_SUFFIXES}
-    if decoder_depth is not None:
-        keys |= set(_DECODER_TOP) | {
-            f"decoder_blocks.{i}.{s}" for i in range(decoder_depth) for s in _BLOCK_INNER_SUFFIXES
-        }
-    return keys
-
-
-def validate_mae_state_dict(
-    state_dict: dict[str, torch.Tensor], *, encoder_only: bool, source: str = "checkpoint"
-) -> None:
-    """Check keys and shapes of an original-layout MAE state dict; raise one readable error."""
-    if "patch_embed.proj.weight" not in state_dict or "pos_embed" not in state_dict:
-        sample = ", ".join(sorted(state_dict)[:3])
-        raise CheckpointError(
-            f"{source}: not an MAE/ViT checkpoint (no patch_embed.proj.weight / pos_embed; keys start {sample})"
-        )
-    try:
-        depth = _count_blocks(state_dict, "blocks")
-        decoder_depth = None if encoder_only else _count_blocks(state_dict, "decoder_blocks")
-    except CheckpointError as error:
-        raise CheckpointError(f"{source}: {error}") from None
-    expected = expected_keys(depth, decoder_depth)
-    missing = sorted(expected - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - expected)
-    if missing:
-        raise CheckpointError(f"{source}: missing keys: {_short_list(missing)}")
-    if unexpected:
-        raise CheckpointError(f"{source}: unexpected keys: {_short_list(unexpected)}")
-    _check_shapes(state_dict, depth, decoder_depth, source)
-
-
-def _short_list(names: list[str], limit: int = 5) -> str:
-    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
-def _check_shapes(state_dict: dict[str, torch.Tensor], depth: int, decoder_depth: int | None, source: str) -> None:
-    patch_weight = state_dict["patch_embed.proj.weight"]
-    if patch_weight.ndim != 4 or patch_weight.shape[2] != patch_weight.shape[3]:
-        raise CheckpointError(
-            f"{source}: patch_embed.proj.weight has shape {tuple(patch_weight.shape)}, expected (D, C, P, P)"
-        )
-    width = patch_weight.shape[0]
-    mlp = state_dict["blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * width
-    expected = {
-        "cls_token": (1, 1, width),
-        "patch_embed.proj.bias": (width,),
-        "norm.weight": (width,),
-        "norm.bias": (width,),
-    }
-    pos = state_dict["pos_embed"]
-    if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != width:
-        raise CheckpointError(f"{source}: pos_embed has shape {tuple(pos.shape)}, expected (1, N+1, {width})")
-    _grid_side(pos.shape[1] - 1, source)
-    expected.update(_block_shapes("blocks", depth, width, mlp))
-    if decoder_depth is not None:
-        dec = state_dict["decoder_embed.weight"].shape[0]
-        dec_mlp = state_dict["decoder_blocks.0.mlp.fc1.weight"].shape[0] if decoder_depth else 4 * dec
-        pixels = patch_weight.shape[1] * patch_weight.shape[2] * patch_weight.shape[3]
-        expected.update(
-            {
-                "mask_token": (1, 1, dec),
-                "decoder_pos_embed": (1, pos.shape[1], dec),
-                "decoder_embed.weight": (dec, width),
-                "decoder_embed.bias": (dec,),
-                "decoder_norm.weight": (dec,),
-                "decoder_norm.bias": (dec,),
-                "decoder_pred.weight": (pixels, dec),
-                "decoder_pred.bias": (pixels,),
-            }
-        )
-        expected.update(_block_shapes("decoder_blocks", decoder_depth, dec, dec_mlp))
-    for name, shape in expected.items():
-        if tuple(state_dict[name].shape) != shape:
-            raise CheckpointError(f"{source}: {name} has shape {tuple(state_dict[name].shape)}, expected {shape}")
-
-
-def _block_shapes(stack: str, depth: int, width: int, mlp: int) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for i in range(depth):
-        base = f"{stack}.{i}"
-        shapes.update(
-            {
-                f"{base}.norm1.weight": (width,),
-                f"{base}.norm1.bias": (width,),
-                f"{base}.attn.qkv.weight": (3 * width, width),
-                f"{base}.attn.qkv.bias": (3 * width,),
-                f"{base}.attn.proj.weight": (width, width),
-                f"{base}.attn.proj.bias": (width,),
-                f"{base}.norm2.weight": (width,),
-                f"{base}.norm2.bias": (width,),
-                f"{base}.mlp.fc1.weight": (mlp, width),
-                f"{base}.mlp.fc1.bias": (mlp,),
-                f"{base}.mlp.fc2.weight": (width, mlp),
-                f"{base}.mlp.fc2.bias": (width,),
-            }
-        )
-    return shapes
-
-
-def _grid_side(num_patches: int, source: str) -> int:
-    side = math.isqrt(num_patches)
-    if side * side != num_patches or side == 0:
-        raise CheckpointError(f"{source}: pos_embed holds {num_patches} patch positions, not a square grid")
-    return side
-
-
 def infer_vitmae_config_kwargs(
     checkpoint: OriginalCheckpoint,
     *,
@@ -368,7 +247,7 @@ def infer_vitmae_config_kwargs(
     """``ViTMAEConfig`` keyword arguments read off tensor shapes (heads from presets or overrides)."""
     sd = checkpoint.state_dict
     width, channels, patch, _ = sd["patch_embed.proj.weight"].shape
-    side = _grid_side(sd["pos_embed"].shape[1] - 1, str(checkpoint.path))
+    side = grid_side(sd["pos_embed"].shape[1] - 1, str(checkpoint.path))
     heads = num_attention_heads or ENCODER_HEADS_BY_WIDTH.get(width)
     if heads is None:
         raise CheckpointError(f"hidden size {width} has no standard head count; pass --num-attention-heads")
@@ -376,7 +255,7 @@ def infer_vitmae_config_kwargs(
         raise CheckpointError(f"hidden size {width} is not divisible by {heads} attention heads")
     kwargs = dict(
         hidden_size=width,
-        num_hidden_layers=_count_blocks(sd, "blocks"),
+        num_hidden_layers=count_blocks(sd, "blocks"),
         num_attention_heads=heads,
         intermediate_size=sd["blocks.0.mlp.fc1.weight"].shape[0],
         hidden_act="gelu",
@@ -395,7 +274,7 @@ def infer_vitmae_config_kwargs(
             )
         kwargs.update(
             decoder_hidden_size=dec,
-            decoder_num_hidden_layers=_count_blocks(sd, "decoder_blocks"),
+            decoder_num_hidden_layers=count_blocks(sd, "decoder_blocks"),
             decoder_num_attention_heads=dec_heads,
             decoder_intermediate_size=sd["decoder_blocks.0.mlp.fc1.weight"].shape[0],
         )

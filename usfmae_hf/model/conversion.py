@@ -5,54 +5,60 @@
 checks it number-for-number against :class:`~usfmae_hf.model.reference_mae.ReferenceMAE` (timm blocks)
 on identical images and masking noise, and only then writes ``config.json``, ``model.safetensors``
 (legacy key names, readable by transformers 4.x and 5.x), ``preprocessor_config.json`` and a model
-card, atomically. ``export_original`` writes the original layout back (``qkv`` merged).
+card, atomically. The checks (:mod:`usfmae_hf.model.verification`), the legacy-named weight files
+(:mod:`usfmae_hf.model.saving`) and the way back to the original layout, ``export_original``
+(:mod:`usfmae_hf.model.export`, ``qkv`` merged), live beside it; this module re-exports them.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
-import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from transformers import AutoConfig, PretrainedConfig, ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel, ViTModel
+from transformers import PretrainedConfig, ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel, ViTModel
 
-from usfmae_hf.atomic import atomic_directory, atomic_file, ensure_writable_output
-from usfmae_hf.errors import CheckpointError, VerificationError
+from usfmae_hf.atomic import atomic_directory, ensure_writable_output
+from usfmae_hf.errors import CheckpointError
+from usfmae_hf.failures import one_line
 from usfmae_hf.image.processor import build_image_processor
-from usfmae_hf.model.checkpoints import (
-    OriginalCheckpoint,
-    infer_vitmae_config_kwargs,
-    load_original_checkpoint,
-    validate_mae_state_dict,
-)
-from usfmae_hf.model.directory import encoder_config, model_type
-from usfmae_hf.model.keys import current_to_legacy, current_to_original, is_decoder_key, original_to_current
-from usfmae_hf.model.loading import quiet_loading_report
-from usfmae_hf.model.reference_mae import ReferenceMAE
+from usfmae_hf.model.checkpoints import OriginalCheckpoint, infer_vitmae_config_kwargs, load_original_checkpoint
+from usfmae_hf.model.directory import encoder_config
+from usfmae_hf.model.export import export_original
+from usfmae_hf.model.keys import is_decoder_key, original_to_current
+from usfmae_hf.model.saving import recover_interrupted_output, save_legacy_safetensors, save_vitmae_pretrained
+from usfmae_hf.model.verification import DEFAULT_ATOL, verify_against_reference
 from usfmae_hf.precision import DTYPES
 from usfmae_hf.publishing.cards import OFFICIAL_LICENSE, OFFICIAL_RELEASES, PROVENANCE_KEY
 from usfmae_hf.version import __version__
 
+__all__ = [
+    "CONVERTER_VERSION",
+    "DEFAULT_ATOL",
+    "INPUT_CHANNELS",
+    "STORAGE_DTYPES",
+    "ConversionResult",
+    "OutputFormat",
+    "convert_checkpoint",
+    "export_original",
+    "identity_pooler",
+    "recover_interrupted_output",
+    "save_legacy_safetensors",
+    "save_vitmae_pretrained",
+    "verify_against_reference",
+]
+
 logger = logging.getLogger(__name__)
 
 CONVERTER_VERSION = f"usfmae-hf {__version__}"
-DEFAULT_ATOL = 1e-5  # fp32 parity bound for encoder output, decoder prediction and loss
 OutputFormat = Literal["vitmae", "vit"]
 # Precision of the written weights: the source's own ("keep") or one of usfmae_hf.precision.DTYPES.
 STORAGE_DTYPES: tuple[str, ...] = ("keep", "fp32", "fp16", "bf16")
 # What the bundled image processor feeds a model: RGB, a grey frame copied to three channels (as USF-MAE).
 INPUT_CHANNELS = 3
-# The names usfmae_hf.atomic gives its staging (".tmp") and replaced (".old") outputs beside NAME:
-# ".NAME." + tempfile's 8 random characters + suffix.
-_LEFTOVER_SUFFIX = re.compile(r"[a-z0-9_]{8}\.(tmp|old)")
 
 
 @dataclass
@@ -182,39 +188,6 @@ def _stored_dtype(choice: str, source_dtypes: list[str], source: Path) -> torch.
     return getattr(torch, source_dtypes[0].removeprefix("torch."))
 
 
-def recover_interrupted_output(output: str | os.PathLike) -> None:
-    """Clean up what an earlier run, killed while writing ``output`` atomically, left beside it.
-
-    :func:`~usfmae_hf.atomic.atomic_directory` builds the new output in ``.NAME.XXXXXXXX.tmp`` and, to
-    replace an old one, renames it to ``.NAME.XXXXXXXX.old``, renames the new one into place and deletes
-    the old; :func:`~usfmae_hf.atomic.atomic_file` writes ``.NAME.XXXXXXXX.tmp``. A run killed between the
-    two renames leaves no ``output``: the old one is renamed back, so ``output`` holds the old or the new
-    version. Then these leftovers, and only files and folders named so, are deleted. Two runs writing the
-    same output at once are not supported: the second would delete the first one's staging.
-    """
-    output = Path(output)
-    prefix = f".{output.name}."
-    if not output.parent.is_dir():
-        return
-    leftovers = [
-        path
-        for path in output.parent.iterdir()
-        if path.name.startswith(prefix) and _LEFTOVER_SUFFIX.fullmatch(path.name.removeprefix(prefix))
-    ]
-    backups = [path for path in leftovers if path.suffix == ".old" and path.is_dir()]
-    if backups and not os.path.lexists(output):
-        restored = max(backups, key=lambda path: path.stat().st_mtime)
-        restored.rename(output)
-        leftovers.remove(restored)
-        logger.warning("restored %s from %s, left by a run killed while replacing it", output, restored.name)
-    for path in leftovers:
-        logger.info("removing %s, left by an interrupted run", path)
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-
-
 def _provenance(
     checkpoint: OriginalCheckpoint,
     output_format: str,
@@ -292,129 +265,9 @@ def _build_model_on_tensors(config: PretrainedConfig, checkpoint: OriginalCheckp
         model.load_state_dict(original_to_current(state_dict, prefix), strict=True, assign=True)
     except RuntimeError as error:
         raise CheckpointError(
-            f"{checkpoint.path}: weights do not fit the inferred architecture: {str(error).splitlines()[0]}"
+            f"{checkpoint.path}: weights do not fit the inferred architecture: {one_line(str(error))}"
         ) from None
     return model.eval(), ("vit." if model_cls is ViTMAEForPreTraining else prefix)
-
-
-@torch.no_grad()
-def verify_against_reference(
-    model: torch.nn.Module,
-    checkpoint: OriginalCheckpoint,
-    config: PretrainedConfig,
-    *,
-    atol: float = DEFAULT_ATOL,
-    batch_size: int = 2,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Run ``model`` and the timm-based reference on the same images and masking noise.
-
-    Compares the encoder output with masking (the pretraining path) and without it (the feature
-    path, patches in spatial order), the decoder's pixel prediction and the loss. Returns the
-    largest absolute difference of each; raises :class:`VerificationError` above ``atol``.
-    """
-    reference = _reference_on_tensors(checkpoint, config)
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch_size, config.num_channels, config.image_size, config.image_size, generator=generator)
-    num_patches = (config.image_size // config.patch_size) ** 2
-    noise = torch.rand(batch_size, num_patches, generator=generator)
-    in_order = torch.arange(num_patches, dtype=torch.float32).expand(batch_size, -1)
-
-    diffs: dict[str, float] = {}
-    # The unmasked pass costs 4x a masked one at ratio 0.75: one image is enough there.
-    ref_unmasked, _, _ = reference.forward_encoder(images[:1], 0.0, in_order[:1])
-    if isinstance(model, ViTModel):
-        diffs["encoder_unmasked"] = _max_diff(model(pixel_values=images[:1]).last_hidden_state, ref_unmasked)
-    else:
-        encoder = model.vit if isinstance(model, ViTMAEForPreTraining) else model
-        diffs["encoder_unmasked"] = _max_diff(_unmasked_vitmae_features(encoder, images[:1]), ref_unmasked)
-        ref = reference(images, mask_ratio=config.mask_ratio, noise=noise)
-        diffs["encoder_masked"] = _max_diff(encoder(pixel_values=images, noise=noise).last_hidden_state, ref.latent)
-        if isinstance(model, ViTMAEForPreTraining):
-            out = model(pixel_values=images, noise=noise)
-            diffs["decoder_pred"] = _max_diff(out.logits, ref.pred)
-            diffs["loss"] = _max_diff(out.loss, ref.loss)
-            diffs["mask"] = _max_diff(out.mask, ref.mask)
-    failed = {name: value for name, value in diffs.items() if not value <= atol}
-    if failed:
-        details = ", ".join(f"{name} {value:.3g}" for name, value in failed.items())
-        raise VerificationError(
-            f"converted model differs from the reference implementation beyond {atol:g}: {details}. "
-            "This is a conversion bug or an unsupported architecture variant; nothing was written."
-        )
-    logger.info("verification passed: %s", ", ".join(f"{k}={v:.2e}" for k, v in diffs.items()))
-    return diffs
-
-
-def _unmasked_vitmae_features(encoder: ViTMAEModel, images: torch.Tensor) -> torch.Tensor:
-    """ViTMAEModel output for all patches in spatial order (it masks even at inference)."""
-    saved_ratio = encoder.config.mask_ratio
-    encoder.config.mask_ratio = 0.0
-    try:
-        num_patches = encoder.embeddings.patch_embeddings.num_patches
-        noise = torch.arange(num_patches, dtype=torch.float32).expand(images.shape[0], -1)
-        return encoder(pixel_values=images, noise=noise).last_hidden_state
-    finally:
-        encoder.config.mask_ratio = saved_ratio
-
-
-def _reference_on_tensors(checkpoint: OriginalCheckpoint, config: PretrainedConfig) -> ReferenceMAE:
-    with_decoder = checkpoint.has_decoder and config.model_type == "vit_mae"
-    with torch.device("meta"):
-        reference = ReferenceMAE.from_hf_config_kwargs(config.to_dict(), encoder_only=not with_decoder)
-    state_dict = {k: v for k, v in checkpoint.state_dict.items() if with_decoder or not is_decoder_key(k)}
-    reference.load_state_dict(state_dict, strict=True, assign=True)
-    return reference.eval()
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.shape != b.shape:
-        return float("inf")
-    return (a.double() - b.double()).abs().max().item()
-
-
-def save_legacy_safetensors(
-    state_dict: dict[str, torch.Tensor], path: str | os.PathLike, *, prefix: str = "vit."
-) -> None:
-    """Save a ViT/ViTMAE state dict (current 5.x names) under the legacy Hub names.
-
-    Use this instead of ``save_pretrained`` for ViTMAE weights: 5.x's reverse renaming writes
-    decoder names that transformers 4.x silently ignores (its decoder would be re-initialised).
-    """
-    legacy = current_to_legacy(state_dict, prefix=prefix)
-    # safetensors refuses tensors that share storage; q/k/v split from one qkv matrix do.
-    seen_storages: set[int] = set()
-    tensors = {}
-    for name, tensor in legacy.items():
-        tensor = tensor.detach().contiguous()
-        storage = tensor.untyped_storage().data_ptr()
-        if storage in seen_storages:
-            tensor = tensor.clone()
-        else:
-            seen_storages.add(storage)
-        tensors[name] = tensor
-    save_file(tensors, str(path), metadata={"format": "pt"})
-
-
-def save_vitmae_pretrained(
-    model: ViTMAEForPreTraining | ViTMAEModel | ViTModel, output_dir: str | os.PathLike, *, image_processor=None
-) -> Path:
-    """``save_pretrained`` replacement for (ViT)MAE models: config + legacy-named safetensors (+ processor).
-
-    The config's ``dtype`` is that of the weights written (a config inherited from an fp16 directory would
-    otherwise make ``from_pretrained`` load fp32 weights in fp16).
-    """
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    config = copy.deepcopy(model.config)
-    config.dtype = next(model.parameters()).dtype
-    config.save_pretrained(output_dir)
-    prefix = "vit." if isinstance(model, ViTMAEForPreTraining) else ""
-    state_dict = {k: v for k, v in model.state_dict().items() if not k.startswith("pooler.")}
-    save_legacy_safetensors(state_dict, output_dir / "model.safetensors", prefix=prefix)
-    if image_processor is not None:
-        image_processor.save_pretrained(output_dir)
-    return output_dir
 
 
 def _write_card(directory: Path, config: PretrainedConfig, provenance: dict) -> None:
@@ -422,55 +275,3 @@ def _write_card(directory: Path, config: PretrainedConfig, provenance: dict) -> 
 
     kind = "pretrained" if "ViTMAEForPreTraining" in (config.architectures or []) else "encoder"
     render_model_card(kind, config=config, provenance=provenance).save(directory / "README.md")
-
-
-def export_original(
-    model_dir: str | os.PathLike,
-    output_file: str | os.PathLike,
-    *,
-    overwrite: bool = False,
-    encoder_only: bool = False,
-) -> Path:
-    """Write a converted directory back as an original MAE state dict (``qkv`` merged), atomically.
-
-    Only weights the directory actually holds are exported: a directory without decoder weights
-    gives an encoder-only file. Converting the result again reproduces the directory's tensors.
-
-    Args:
-        model_dir: a ``vit_mae`` or ``vit`` directory (as ``usfmae convert`` writes).
-        output_file: the ``.pth`` file to write.
-        overwrite: replace an existing ``output_file``.
-        encoder_only: leave out the decoder and mask token. The file then holds exactly the keys of
-            timm's ``VisionTransformer`` (``vit_base_patch16_224`` for USF-MAE's ViT-B), which loads it
-            with ``strict=True`` when built with ``num_classes=0``: its output is the CLS token after
-            the final LayerNorm, the features :func:`usfmae_hf.inference.extract_features` gives.
-    """
-    model_dir, output_file = Path(model_dir), Path(output_file)
-    recover_interrupted_output(output_file)
-    ensure_writable_output(output_file, overwrite)  # checked before the (slow) model load, too
-    weights = model_dir / "model.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(f"{model_dir}: no model.safetensors (is this a converted model directory?)")
-    with safe_open(weights, framework="pt") as handle:
-        has_decoder = not encoder_only and any(key.startswith("decoder.") for key in handle.keys())
-    model_type(model_dir)  # a clear error for anything but a vit_mae or vit directory
-    config = AutoConfig.from_pretrained(model_dir)
-    if isinstance(config, ViTMAEConfig) and has_decoder:
-        model_cls, prefix, kwargs = ViTMAEForPreTraining, "vit.", {}
-    elif isinstance(config, ViTMAEConfig):
-        model_cls, prefix, kwargs = ViTMAEModel, "", {}
-    else:
-        model_cls, prefix, kwargs = ViTModel, "", {"add_pooling_layer": False}
-    # Decoder weights left unused by ViTMAEModel and the identity pooler of a vit directory are expected
-    # leftovers (neither is part of the exported layout); a missing weight is an error, not a random init.
-    with quiet_loading_report():
-        model, info = model_cls.from_pretrained(model_dir, output_loading_info=True, **kwargs)
-    if info["missing_keys"]:
-        raise CheckpointError(f"{model_dir}: weights missing: {', '.join(sorted(info['missing_keys'])[:5])}")
-    state_dict = current_to_original(model.state_dict(), prefix=prefix)
-    validate_mae_state_dict(state_dict, encoder_only=not has_decoder, source=str(model_dir))
-    # torch.save on a path names the zip archive's root folder after the (temporary, random) file
-    # name; through a file object the root is always "archive", so the bytes are the same every run.
-    with atomic_file(output_file, overwrite=overwrite) as tmp, open(tmp, "wb") as handle:
-        torch.save(state_dict, handle)
-    return output_file

@@ -15,29 +15,10 @@ from typing import Any
 from transformers import PretrainedConfig, ViTConfig
 
 from usfmae_hf.errors import CheckpointError
+from usfmae_hf.model.fields import ENCODER_FIELDS, VIT_ONLY_FIELDS
 
 #: model types of converted directories (and of encoders a classifier can be built on)
 ENCODER_MODEL_TYPES = ("vit", "vit_mae")
-
-#: ViTMAEConfig fields that describe the encoder, i.e. what a ViTConfig needs to hold the same weights
-ENCODER_FIELDS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "hidden_act",
-    "hidden_dropout_prob",
-    "attention_probs_dropout_prob",
-    "initializer_range",
-    "layer_norm_eps",
-    "image_size",
-    "patch_size",
-    "num_channels",
-    "qkv_bias",
-)
-
-#: ViTConfig fields a ViTMAEConfig does not have (kept when the source is already a ViTConfig)
-_VIT_ONLY_FIELDS = ("encoder_stride", "pooler_output_size", "pooler_act")
 
 
 def model_type(path: str | os.PathLike) -> str:
@@ -58,7 +39,7 @@ def model_type(path: str | os.PathLike) -> str:
 
 def encoder_fields(config: PretrainedConfig) -> dict[str, Any]:
     """The encoder's ``ViTConfig`` keyword arguments from a ``ViTMAEConfig`` (or a ``ViTConfig``)."""
-    return {name: getattr(config, name) for name in ENCODER_FIELDS + _VIT_ONLY_FIELDS if hasattr(config, name)}
+    return {name: getattr(config, name) for name in ENCODER_FIELDS + VIT_ONLY_FIELDS if hasattr(config, name)}
 
 
 def encoder_config(vitmae_config: PretrainedConfig, **overrides: Any) -> ViTConfig:

@@ -61,6 +61,11 @@ _DECODER_TOP = {
     "decoder_pred.bias": "decoder.decoder_pred.bias",
 }
 
+#: original-layout names: the encoder's and the decoder's weights outside blocks, and the modules of a block
+ORIGINAL_ENCODER_TOP = tuple(_ENCODER_TOP)
+ORIGINAL_DECODER_TOP = tuple(_DECODER_TOP)
+ORIGINAL_BLOCK_MODULES = (*_BLOCK_INNER, "attn.qkv")
+
 _ORIGINAL_BLOCK = re.compile(r"^(blocks|decoder_blocks)\.(\d+)\.(.+)\.(weight|bias)$")
 _CURRENT_BLOCK = re.compile(r"^(layers|decoder\.decoder_layers)\.(\d+)\.(.+)\.(weight|bias)$")
 

@@ -7,45 +7,64 @@ Every recipe-governed field defaults to ``None`` and is filled from the chosen `
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from usfmae_hf.errors import UsfmaeError
 
-# The two published recipes. USF-MAE: AdamW with torch's default betas, 10% warmup, cosine to 1e-5,
-# grad-clip 1.0, bf16, 100 epochs, pixel loss without per-patch normalisation, USF-MAE's augmentations.
-# MAE: betas (0.9, 0.95), 40 of 800 epochs warmup, cosine to 0, no clipping, fp16 AMP, norm_pix_loss, crop+flip.
+# The two published recipes. USF-MAE (its USF-MAE_pretraining.ipynb): AdamW with torch's default betas and
+# weight decay on every parameter, lr = blr x 128 / 256, 10% warmup (whole iterations, rounded down), cosine to
+# 1e-5, grad-clip 1.0, bf16, 100 epochs, every image each epoch (last batch short), pixel loss without
+# per-patch normalisation, USF-MAE's augmentations. MAE: betas (0.9, 0.95), no decay on biases, norms and
+# tokens, lr = blr x effective batch / 256, 40 of 800 epochs warmup, cosine to 0, no clipping, fp16 AMP,
+# norm_pix_loss, crop+flip, full batches only.
 # A recipe's precision is used where the hardware is fast at it, else the ``auto`` choice (environment.py).
 RECIPES: dict[str, dict[str, Any]] = {
     "usfmae": dict(
         augmentation="usfmae",
-        base_learning_rate=1.5e-4,
+        base_learning_rate=3e-4,
+        lr_scaling_batch_size=128,
         adam_beta1=0.9,
         adam_beta2=0.999,
         weight_decay=0.05,
+        decay_all_parameters=True,
         warmup_ratio=0.1,
         min_lr=1e-5,
         max_grad_norm=1.0,
         mixed_precision="bf16",
         num_train_epochs=100.0,
+        dataloader_drop_last=False,
         mask_ratio=0.75,
         norm_pix_loss=False,
     ),
-    "mae": dict(
+    "mae": dict(  # no lr_scaling_batch_size: MAE scales with the effective batch
         augmentation="mae",
         base_learning_rate=1.5e-4,
         adam_beta1=0.9,
         adam_beta2=0.95,
         weight_decay=0.05,
+        decay_all_parameters=False,
         warmup_ratio=0.05,
         min_lr=0.0,
         max_grad_norm=0.0,
         mixed_precision="fp16",
         num_train_epochs=800.0,
+        dataloader_drop_last=True,
         mask_ratio=0.75,
         norm_pix_loss=True,
     ),
 }
+
+#: USF-MAE's hyper-parameter grid (its notebook trains every pair, batch 64, 100 epochs); the published text
+#: does not say which pair the released checkpoints used. The ``usfmae`` preset takes the first blr and MAE's
+#: weight decay; values off the grid are allowed, with a warning (:func:`usfmae_grid_misses`).
+USFMAE_GRID: dict[str, tuple[float, ...]] = {"base_learning_rate": (3e-4, 1e-3), "weight_decay": (0.01, 0.05)}
+
+#: How a recipe turns ``warmup_ratio x total steps`` into whole steps: USF-MAE's notebook truncates
+#: (``int(total * 0.1)``); MAE's warmup is whole epochs, which rounding to the nearest step recovers exactly.
+WARMUP_ROUNDING: dict[str, Callable[[float], int]] = {"usfmae": math.floor, "mae": round}
 
 
 @dataclass
@@ -118,9 +137,11 @@ class PretrainingArguments:
     recipe: Literal["usfmae", "mae"] = field(
         default="usfmae",
         metadata={
-            "help": "Preset for every field marked 'recipe': usfmae (AdamW with torch's default betas, 10%% warmup, "
-            "cosine to 1e-5, grad-clip 1.0, bf16, 100 epochs) or mae (betas 0.9/0.95, 5%% warmup, cosine to 0, "
-            "no clipping, fp16, 800 epochs, norm_pix_loss)."
+            "help": "Preset for every field marked 'recipe': usfmae (USF-MAE's notebook: AdamW with torch's default "
+            "betas and weight decay on every parameter, lr = blr x 128 / 256, 10%% warmup, cosine to 1e-5, "
+            "grad-clip 1.0, bf16, 100 epochs, last short batch kept) or mae (betas 0.9/0.95, no decay on biases "
+            "and norms, lr = blr x effective batch / 256, 5%% warmup, cosine to 0, no clipping, fp16, 800 epochs, "
+            "norm_pix_loss, full batches only)."
         },
     )
     augmentation: Literal["usfmae", "mae"] | None = field(
@@ -128,11 +149,29 @@ class PretrainingArguments:
     )
     seed: int = field(default=0, metadata={"help": "Seed of weights init, data order, augmentations and masks."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Images per process per micro-batch."})
+    dataloader_drop_last: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Drop each epoch's last short batch (recipe: usfmae false, as USF-MAE's DataLoader; mae true). "
+            "Kept on several processes, it is filled up with images from the start of the epoch."
+        },
+    )
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps to train (overrides epochs)."})
     num_train_epochs: float | None = field(default=None, metadata={"help": "Epochs to train (recipe: 100 / 800)."})
     base_learning_rate: float | None = field(
-        default=None, metadata={"help": "blr; lr = blr x effective batch / 256 (recipe: 1.5e-4)."}
+        default=None,
+        metadata={
+            "help": "blr; lr = blr x --lr_scaling_batch_size / 256. Recipe: usfmae 3e-4, from USF-MAE's grid "
+            "{3e-4, 1e-3} (another value trains, with a warning); mae 1.5e-4."
+        },
+    )
+    lr_scaling_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "The batch B of lr = blr x B / 256. Recipe: usfmae 128, the constant of USF-MAE's notebook "
+            "(which trains at batch 64: its lr is blr / 2 whatever the batch); mae: the effective batch."
+        },
     )
     learning_rate: float | None = field(
         default=None, metadata={"help": "Absolute peak learning rate; overrides --base_learning_rate scaling."}
@@ -140,10 +179,26 @@ class PretrainingArguments:
     min_lr: float | None = field(default=None, metadata={"help": "Final lr of the cosine decay (recipe: 1e-5 / 0)."})
     warmup_steps: int | None = field(default=None, metadata={"help": "Linear warmup steps (overrides --warmup_ratio)."})
     warmup_ratio: float | None = field(
-        default=None, metadata={"help": "Warmup as a fraction of all steps (recipe: 0.1 / 0.05)."}
+        default=None,
+        metadata={
+            "help": "Warmup as a fraction of all steps (recipe: 0.1 / 0.05); --recipe usfmae rounds down, as its "
+            "notebook's int(), mae to the nearest step."
+        },
     )
     weight_decay: float | None = field(
-        default=None, metadata={"help": "AdamW weight decay; never on biases, norms, positions, tokens (recipe: 0.05)."}
+        default=None,
+        metadata={
+            "help": "AdamW weight decay. Recipe: usfmae 0.05, from USF-MAE's grid {0.01, 0.05} (another value "
+            "trains, with a warning); mae 0.05."
+        },
+    )
+    decay_all_parameters: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Weight decay on every trained parameter, biases, norms and CLS / mask tokens included, as "
+            "USF-MAE's AdamW(model.parameters()); false: on weight matrices only, as MAE (recipe: usfmae true, "
+            "mae false). The fixed position embeddings are never trained."
+        },
     )
     adam_beta1: float | None = field(default=None, metadata={"help": "AdamW beta1 (recipe: 0.9)."})
     adam_beta2: float | None = field(default=None, metadata={"help": "AdamW beta2 (recipe: 0.999 / 0.95)."})
@@ -213,7 +268,34 @@ def validate_arguments(
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
         if getattr(training_args, name) < 1:
             raise UsfmaeError(f"--{name} must be >= 1")
-    for name in ("max_steps", "checkpointing_steps", "save_total_limit", "reconstruction_steps"):
+    for name in (
+        "max_steps",
+        "checkpointing_steps",
+        "save_total_limit",
+        "reconstruction_steps",
+        "lr_scaling_batch_size",
+    ):
         value = getattr(training_args, name)
         if value is not None and value < 1:
             raise UsfmaeError(f"--{name} must be >= 1")
+
+
+def usfmae_grid_misses(args: PretrainingArguments) -> list[str]:
+    """How a ``--recipe usfmae`` run's lr and weight decay leave USF-MAE's grid (:data:`USFMAE_GRID`).
+
+    Empty when they are one of the notebook's grid points, and for other recipes.
+    """
+    if args.recipe != "usfmae":
+        return []
+    misses = []
+    if args.learning_rate is not None:
+        misses.append(f"--learning_rate {args.learning_rate:g} replaces lr = blr x 128 / 256")
+    elif args.lr_scaling_batch_size != RECIPES["usfmae"]["lr_scaling_batch_size"]:
+        misses.append(f"--lr_scaling_batch_size {args.lr_scaling_batch_size} replaces lr = blr x 128 / 256")
+    for name, grid in USFMAE_GRID.items():
+        value = getattr(args, name)
+        if not (name == "base_learning_rate" and args.learning_rate is not None) and not any(
+            math.isclose(value, point, rel_tol=1e-9) for point in grid
+        ):
+            misses.append(f"--{name} {value:g} is not in {{{', '.join(f'{point:g}' for point in grid)}}}")
+    return misses

@@ -25,29 +25,13 @@ from typing import Any
 
 from usfmae_hf.atomic import atomic_write_text
 from usfmae_hf.errors import CheckpointError, OutputExistsError, UsfmaeError
+from usfmae_hf.model.fields import SHAPE_AND_LOSS_FIELDS
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 SETTINGS_FILE = "run_settings.json"
 #: What a run writes besides checkpoints; ``--overwrite_output_dir`` removes exactly these.
 RUN_OUTPUTS = ("log.jsonl", "training_curves.png", "final", "reconstructions")
-#: Config fields that fix the weights' shapes or the loss.
-ARCHITECTURE_FIELDS = (
-    "image_size",
-    "patch_size",
-    "num_channels",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "qkv_bias",
-    "decoder_hidden_size",
-    "decoder_num_hidden_layers",
-    "decoder_num_attention_heads",
-    "decoder_intermediate_size",
-    "mask_ratio",
-    "norm_pix_loss",
-)
 
 
 @dataclass
@@ -174,7 +158,7 @@ def current_settings(config: Any, optimizer: Any, run: Mapping[str, Any], precis
     """What :func:`check_resumable` compares, for the current run (also saved in every checkpoint)."""
     sizes = {id(p): p.numel() for group in optimizer.param_groups for p in group["params"]}
     return {
-        "architecture": {name: getattr(config, name, None) for name in ARCHITECTURE_FIELDS},
+        "architecture": {name: getattr(config, name, None) for name in SHAPE_AND_LOSS_FIELDS},
         "optimizer": optimizer_layout(optimizer.param_groups, sizes),
         "run": dict(run),
         "precision": precision,
@@ -192,7 +176,7 @@ def check_resumable(checkpoint: Path, current: Mapping[str, Any]) -> list[str]:
     (batch, schedule, seed, data size); a checkpoint older than ``run_settings.json`` is checked on
     what its model config and optimizer state record. Returns notes on harmless differences.
     """
-    saved, notes = _saved_settings(checkpoint), []
+    saved, notes = saved_settings(checkpoint), []
     if not (checkpoint / SETTINGS_FILE).is_file():
         notes.append(f"{checkpoint.name} predates {SETTINGS_FILE}: compared its model config and optimizer state only")
     differences = []
@@ -215,7 +199,7 @@ def check_resumable(checkpoint: Path, current: Mapping[str, Any]) -> list[str]:
     return notes
 
 
-def _saved_settings(checkpoint: Path) -> dict[str, Any]:
+def saved_settings(checkpoint: Path) -> dict[str, Any]:
     """The settings a checkpoint records: its run_settings.json, or what older checkpoints' files tell."""
     path = checkpoint / SETTINGS_FILE
     if path.is_file():
@@ -227,7 +211,7 @@ def _saved_settings(checkpoint: Path) -> dict[str, Any]:
     config = checkpoint / "model" / "config.json"
     if config.is_file():
         values = json.loads(config.read_text())
-        saved["architecture"] = {name: values[name] for name in ARCHITECTURE_FIELDS if name in values}
+        saved["architecture"] = {name: values[name] for name in SHAPE_AND_LOSS_FIELDS if name in values}
     optimizer = checkpoint / "optimizer.bin"
     if optimizer.is_file():
         import torch

@@ -172,24 +172,37 @@ def load_source(
 
     import datasets
 
-    if dataset_dir is not None:
-        directory = Path(dataset_dir)
-        if not directory.is_dir():
-            raise UsfmaeError(f"{dataset_dir}: not a folder")
-        if (directory / "dataset_dict.json").is_file() or (directory / "state.json").is_file():
-            dataset = datasets.load_from_disk(str(directory))
-            dataset = dataset[split] if isinstance(dataset, datasets.DatasetDict) else dataset
-            dataset = dataset.to_iterable_dataset() if streaming else dataset
-        else:
-            dataset = datasets.load_dataset(str(directory), split=split, streaming=streaming)
-    else:
-        dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming)
+    dataset = open_dataset(
+        dataset_dir=dataset_dir,
+        dataset_name=dataset_name,
+        dataset_config_name=dataset_config_name,
+        split=split,
+        streaming=streaming,
+    )
     features = dataset.features
     if features is not None and image_column not in features:
         raise UsfmaeError(f"no image column {image_column!r}; columns are {', '.join(features)} (use --image_column)")
     if features is not None and isinstance(features[image_column], datasets.Image):
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     return dataset.select_columns([image_column]), image_column
+
+
+def open_dataset(
+    *, dataset_dir: str | None, dataset_name: str | None, dataset_config_name: str | None, split: str, streaming: bool
+) -> Any:
+    """The split of a local datasets folder (``save_to_disk`` or data files) or of a Hub dataset, all columns."""
+    import datasets
+
+    if dataset_dir is None:
+        return datasets.load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming)
+    directory = Path(dataset_dir)
+    if not directory.is_dir():
+        raise UsfmaeError(f"{dataset_dir}: not a folder")
+    if (directory / "dataset_dict.json").is_file() or (directory / "state.json").is_file():
+        dataset = datasets.load_from_disk(str(directory))
+        dataset = dataset[split] if isinstance(dataset, datasets.DatasetDict) else dataset
+        return dataset.to_iterable_dataset() if streaming else dataset
+    return datasets.load_dataset(str(directory), split=split, streaming=streaming)
 
 
 def first_images(source: Any, column: str | None, count: int) -> list[Any]:
@@ -221,8 +234,12 @@ def default_num_workers(device: torch.device, cpus: int | None = None) -> int:
     return min(4, max(0, cpus - 1))
 
 
-def build_dataloader(dataset: Dataset | IterableDataset, *, batch_size: int, num_workers: int) -> DataLoader:
-    """The training loader: shuffled (map-style) full batches, decoded and augmented in ``num_workers`` workers.
+def build_dataloader(
+    dataset: Dataset | IterableDataset, *, batch_size: int, num_workers: int, drop_last: bool = True
+) -> DataLoader:
+    """The training loader: shuffled (map-style) batches, decoded and augmented in ``num_workers`` workers.
+
+    ``drop_last`` drops each epoch's last short batch (MAE does; USF-MAE trains on it).
 
     Workers run torch on one thread each (torch sets that in every worker) and leave the main process's
     threads alone (see :func:`default_num_workers`). Workers are not kept between epochs: each epoch's
@@ -232,7 +249,7 @@ def build_dataloader(dataset: Dataset | IterableDataset, *, batch_size: int, num
         dataset,
         batch_size=batch_size,
         shuffle=not isinstance(dataset, IterableDataset),
-        drop_last=True,
+        drop_last=drop_last,
         collate_fn=collate,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
@@ -310,7 +327,10 @@ def build_training_data(
     else:
         dataset = MapStyleImages(source, make_sample, column)
     dataloader = build_dataloader(
-        dataset, batch_size=args.per_device_train_batch_size, num_workers=data_args.dataloader_num_workers
+        dataset,
+        batch_size=args.per_device_train_batch_size,
+        num_workers=data_args.dataloader_num_workers,
+        drop_last=args.dataloader_drop_last,
     )
     preview = preview_images(source, column, data_args.num_reconstruction_images, image_size, data_args.validation_dir)
     return TrainingData(dataset, dataloader, device_transform, preview)

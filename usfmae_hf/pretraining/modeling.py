@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +83,10 @@ def build_model(
 ) -> ViTMAEForPreTraining:
     """Continue from a converted model directory, or build a fresh MAE from a config file or folder.
 
-    ``mask_ratio`` and ``norm_pix_loss``, when given, override the config and are recorded in it.
+    ``mask_ratio`` and ``norm_pix_loss``, when given, override the config and are recorded in it. Weights are
+    loaded in fp32 whatever the directory stores (transformers 5 would keep a bf16 or fp16 directory's dtype,
+    and the run would keep its master weights in it); autocast chooses the compute precision. The fixed
+    sin-cos position tables stay frozen (:func:`freeze_as_defined`).
     """
     if (model_name_or_path is None) == (config_name is None):
         raise UsfmaeError("give exactly one of --model_name_or_path (continue) or --config_name (from scratch)")
@@ -97,7 +101,9 @@ def build_model(
         config = ViTMAEConfig.from_pretrained(model_name_or_path, **overrides)
         if "decoder" not in _weight_names(model_name_or_path):
             raise UsfmaeError(f"{model_name_or_path}: has no decoder weights; pretraining needs a full ViTMAE model")
-        return ViTMAEForPreTraining.from_pretrained(model_name_or_path, config=config)
+        model = ViTMAEForPreTraining.from_pretrained(model_name_or_path, config=config, dtype=torch.float32)
+        freeze_as_defined(model)
+        return model
     path = Path(config_name)
     if not path.exists():
         raise UsfmaeError(f"{path}: no such config file or folder")
@@ -108,6 +114,19 @@ def build_model(
     model = ViTMAEForPreTraining(config)
     initialize_like_mae(model)
     return model
+
+
+def freeze_as_defined(model: nn.Module) -> None:
+    """Give every parameter of a loaded model the ``requires_grad`` its class defines.
+
+    transformers 5's ``from_pretrained`` (seen on 5.24) returns every parameter trainable, ViTMAE's fixed
+    sin-cos position tables included (``requires_grad=False`` in the class, as ``pos_embed`` in MAE's
+    code): AdamW would then move them, by their gradients and, under USF-MAE's decay on everything, by decay.
+    """
+    with torch.device("meta"):  # the class's parameters without memory or initialisation cost
+        defined = dict(type(model)(model.config).named_parameters())
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(defined[name].requires_grad)
 
 
 def _weight_names(model_dir: str | os.PathLike) -> str:
@@ -121,16 +140,19 @@ def _weight_names(model_dir: str | os.PathLike) -> str:
         return " ".join(handle.keys())
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: ``weight_decay`` on weight matrices only (frozen parameters left out).
+def parameter_groups(model: nn.Module, weight_decay: float, *, decay_all: bool = False) -> list[dict]:
+    """AdamW parameter groups of the trained parameters (frozen ones left out: they never get a gradient).
 
-    Biases, norm weights (all 1-D tensors), position embeddings and CLS / mask tokens get none
-    (:func:`usfmae_hf.model.parameters.is_no_decay`).
+    MAE (``decay_all`` false): ``weight_decay`` on weight matrices only; biases, norm weights (all 1-D
+    tensors), position embeddings and CLS / mask tokens get none (:func:`usfmae_hf.model.parameters.is_no_decay`).
+    USF-MAE (``decay_all``): one group, ``weight_decay`` on all of them, as ``AdamW(model.parameters())``.
     """
+    trained = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+    if decay_all:
+        return [{"params": [parameter for _, parameter in trained], "weight_decay": weight_decay}]
     decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (no_decay if is_no_decay(name, parameter) else decay).append(parameter)
+    for name, parameter in trained:
+        (no_decay if is_no_decay(name, parameter) else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -142,6 +164,7 @@ def build_optimizer(
     betas: tuple[float, float],
     eps: float,
     fused: bool,
+    decay_all: bool = False,
 ) -> torch.optim.AdamW:
     """AdamW over :func:`parameter_groups`; ``fused`` selects torch's one-kernel implementation.
 
@@ -149,7 +172,11 @@ def build_optimizer(
     and moments in eight separate passes: the optimizer step took a third of a training step.
     """
     return torch.optim.AdamW(
-        parameter_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, **({"fused": True} if fused else {})
+        parameter_groups(model, weight_decay, decay_all=decay_all),
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        **({"fused": True} if fused else {}),
     )
 
 
@@ -161,16 +188,16 @@ def fused_adamw_supported(device: torch.device, distributed_type: str) -> bool:
     return device.type in ("cpu", "cuda") and distributed_type in ("NO", "MULTI_CPU", "MULTI_GPU")
 
 
-def scaled_learning_rate(base_learning_rate: float, effective_batch_size: int) -> float:
-    """MAE's linear scaling rule: ``lr = blr * effective_batch_size / 256``."""
-    return base_learning_rate * effective_batch_size / 256
+def scaled_learning_rate(base_learning_rate: float, batch_size: int) -> float:
+    """The linear scaling rule ``lr = blr * batch_size / 256``: MAE's with the effective batch, USF-MAE's with 128."""
+    return base_learning_rate * batch_size / 256
 
 
-def peak_learning_rate(learning_rate: float | None, base_learning_rate: float, effective_batch_size: int) -> float:
-    """``learning_rate`` if given, else the linear scaling rule on ``base_learning_rate``."""
+def peak_learning_rate(learning_rate: float | None, base_learning_rate: float, batch_size: int) -> float:
+    """``learning_rate`` if given, else the linear scaling rule on ``base_learning_rate`` and ``batch_size``."""
     if learning_rate is not None:
         return learning_rate
-    return scaled_learning_rate(base_learning_rate, effective_batch_size)
+    return scaled_learning_rate(base_learning_rate, batch_size)
 
 
 @dataclass(frozen=True)
@@ -195,14 +222,18 @@ def make_plan(
     peak_lr: float,
     min_lr: float,
     effective_batch_size: int,
+    warmup_rounding: Callable[[float], int] = round,
 ) -> Plan:
-    """Total and warmup optimizer steps (``max_steps``, else epochs x optimizer steps per epoch)."""
+    """Total and warmup optimizer steps (``max_steps``, else epochs x optimizer steps per epoch).
+
+    ``warmup_rounding`` turns ``warmup_ratio * total`` into steps (``math.floor`` for USF-MAE's ``int()``).
+    """
     if max_steps is not None:
         total = max_steps
     else:
         steps_per_epoch = math.ceil(micro_batches_per_epoch / gradient_accumulation_steps)
         total = max(1, math.ceil(num_train_epochs * steps_per_epoch))
-    warmup = warmup_steps if warmup_steps is not None else round(warmup_ratio * total)
+    warmup = warmup_steps if warmup_steps is not None else warmup_rounding(warmup_ratio * total)
     return Plan(
         total_steps=total,
         warmup_steps=min(warmup, total),

@@ -18,10 +18,12 @@ from tqdm.auto import tqdm
 from usfmae_hf.errors import UsfmaeError
 from usfmae_hf.image.processor import build_image_processor
 from usfmae_hf.pretraining.arguments import (
+    WARMUP_ROUNDING,
     DataArguments,
     ModelArguments,
     PretrainingArguments,
     apply_recipe,
+    usfmae_grid_misses,
     validate_arguments,
 )
 from usfmae_hf.pretraining.checkpointing import (
@@ -32,6 +34,7 @@ from usfmae_hf.pretraining.checkpointing import (
     publish,
     resolve_resume,
     save_settings,
+    saved_settings,
     staging_dir,
 )
 from usfmae_hf.pretraining.data import build_training_data, default_num_workers
@@ -45,8 +48,10 @@ from usfmae_hf.pretraining.modeling import (
     make_plan,
     peak_learning_rate,
 )
+from usfmae_hf.pretraining.provenance import SETTINGS_KEY as PROVENANCE_SETTING
+from usfmae_hf.pretraining.provenance import RunProvenance
 from usfmae_hf.pretraining.reporting import StepLog, StepStats, plot_curves, tracker_config
-from usfmae_hf.pretraining.summary import end_lines, lr_plan_warnings, start_lines
+from usfmae_hf.pretraining.summary import end_lines, lr_plan_warnings, start_lines, training_table
 
 # Fewer samples than this say little about the bad-image rate; the check waits (except at the end).
 MIN_SAMPLES_FOR_BAD_CHECK = 1000
@@ -71,6 +76,13 @@ class Pretrainer:
         accelerator = self.accelerator
         self._note(check_process_count(accelerator.num_processes), "warning")
         resume = resolve_resume(self.output_dir, args.resume_from_checkpoint)
+        set_seed(args.seed)
+        model = build_model(  # before the output folder is made: a model that is not found leaves nothing behind
+            model_name_or_path=model_args.model_name_or_path,
+            config_name=model_args.config_name,
+            mask_ratio=model_args.mask_ratio,
+            norm_pix_loss=model_args.norm_pix_loss,
+        )
         if accelerator.is_main_process:
             self._note(
                 prepare_output_dir(
@@ -80,14 +92,6 @@ class Pretrainer:
                 )
             )
         accelerator.wait_for_everyone()
-
-        set_seed(args.seed)
-        model = build_model(
-            model_name_or_path=model_args.model_name_or_path,
-            config_name=model_args.config_name,
-            mask_ratio=model_args.mask_ratio,
-            norm_pix_loss=model_args.norm_pix_loss,
-        )
         self.config = model.config
         if data_args.dataloader_num_workers is None:
             data_args.dataloader_num_workers = default_num_workers(accelerator.device)
@@ -96,13 +100,15 @@ class Pretrainer:
         processes = accelerator.num_processes
         effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
         self.fused = fused_adamw_supported(accelerator.device, accelerator.distributed_type.value)
+        scaling_batch = args.lr_scaling_batch_size or effective_batch
         optimizer = build_optimizer(
             model,
-            lr=peak_learning_rate(args.learning_rate, args.base_learning_rate, effective_batch),
+            lr=peak_learning_rate(args.learning_rate, args.base_learning_rate, scaling_batch),
             weight_decay=args.weight_decay,
             betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_epsilon,
             fused=self.fused,
+            decay_all=args.decay_all_parameters,
         )
         self.model, self.optimizer = self._prepare(model, optimizer)
         self.plan = make_plan(
@@ -115,6 +121,7 @@ class Pretrainer:
             peak_lr=optimizer.defaults["lr"],
             min_lr=args.min_lr,
             effective_batch_size=effective_batch,
+            warmup_rounding=WARMUP_ROUNDING[args.recipe],
         )
         self.settings = current_settings(self.config, optimizer, self._run_settings(), self.precision.name)
 
@@ -125,6 +132,15 @@ class Pretrainer:
             accelerator.load_state(str(resume))
             self.state = TrainState.load(resume)
             self._note(f"resumed from {resume} at step {self.state.step}")
+        self.provenance = RunProvenance.start(  # what the cards say
+            model_args,
+            data_args,
+            self.settings["run"]["dataset_size"],
+            saved=saved_settings(resume).get(PROVENANCE_SETTING) if resume is not None else None,
+            step=self.state.step,
+            note=self._note,
+        )
+        self.settings[PROVENANCE_SETTING] = self.provenance.settings()
         # rebuilt from the step, never loaded; stepped by the loop once per optimizer step, not by accelerate
         self.scheduler = build_lr_scheduler(
             optimizer,
@@ -141,17 +157,14 @@ class Pretrainer:
                 "usfmae-pretraining", config=tracker_config(model_args, data_args, args, self.plan)
             )
         self.processor = build_image_processor(self.config.image_size)
-        self.card_training = {
-            "recipe": args.recipe,
-            "initialised from": Path(model_args.model_name_or_path).name
-            if model_args.model_name_or_path
-            else "scratch (MAE init)",
-            "effective batch size": self.plan.effective_batch_size,
-            "peak learning rate": self.plan.peak_lr,
-            "precision": describe(self.precision),
-            "mask ratio": self.config.mask_ratio,
-            "norm_pix_loss": self.config.norm_pix_loss,
-        }
+        self.card_training = training_table(
+            args,
+            self.plan,
+            scaling_batch=scaling_batch,
+            precision=describe(self.precision),
+            initialised_from=self.provenance.start_name(),
+            config=self.config,
+        )
 
     # -------------------------------------------------------------- setup
 
@@ -185,6 +198,7 @@ class Pretrainer:
             "peak_lr": plan.peak_lr,
             "min_lr": plan.min_lr,
             "max_grad_norm": args.max_grad_norm,
+            "dataloader_drop_last": args.dataloader_drop_last,
             "seed": args.seed,
             "augmentation": args.augmentation,
             "augment_on_device": self.data_args.augment_on_device,
@@ -206,6 +220,7 @@ class Pretrainer:
             per_device_batch=args.per_device_train_batch_size,
             accumulation=args.gradient_accumulation_steps,
             plan=self.plan,
+            optimizer=self.card_training,
             dataset_size=self.settings["run"]["dataset_size"],
             output_dir=self.output_dir,
             start_step=state.step,
@@ -213,6 +228,9 @@ class Pretrainer:
             accelerator.print(line)
         for warning in lr_plan_warnings(self.plan):
             self._note(warning, "warning")
+        misses = usfmae_grid_misses(args)
+        if misses:
+            self._note(f"not one of USF-MAE's notebook runs: {'; '.join(misses)}", "warning")
         self.model.train()
         self.stats = StepStats(accelerator.device)
         self.progress = tqdm(
@@ -345,14 +363,27 @@ class Pretrainer:
 
     def save_model(self, directory: Path) -> None:
         """Export the current weights as an HF model directory (every process gathers, the main one writes)."""
-        export_hf_model(
-            self.accelerator,
-            self.model,
-            self.config,
-            directory,
-            self.processor,
-            {**self.card_training, "steps": self.state.step},
-        )
+        export_hf_model(self.accelerator, self.model, self.config, directory, self.processor, self._card())
+
+    def _card(self) -> dict[str, Any]:
+        """The model card's facts (``render_model_card`` keywords) after the steps, images and epochs run so far."""
+        state, args = self.state, self.args
+        epochs = None
+        if not self.data_args.streaming:  # an epoch is every per-process batch, on every process
+            per_epoch = len(self.dataloader) * args.per_device_train_batch_size * self.accelerator.num_processes
+            epochs = state.epoch + state.samples_in_epoch / per_epoch
+        table = {
+            **self.card_training,
+            "optimizer steps run": state.step,
+            "epochs run": "not known (streamed)" if epochs is None else round(epochs, 2),
+            "images seen": state.images_seen,
+        }
+        return {
+            "initialised_from": self.provenance.initialised_from,
+            "training_run": self.provenance.training_run(state, epochs),
+            "datasets": self.provenance.hub_datasets() or None,
+            "extra": {"training": table},
+        }
 
 
 def _batches_to_skip(state: TrainState, per_device_batch: int, num_processes: int) -> int:

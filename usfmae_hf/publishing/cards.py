@@ -6,7 +6,8 @@ The cards are Jinja templates in :mod:`usfmae_hf.publishing.templates` rendered 
 the facts the text needs (architecture, provenance, training data, results).
 
 A card states only what the package knows: the source file and its SHA-256, the detected layout, the
-initial weights of a training run, the metadata it is given. What the USF-MAE paper says about the
+initial weights of a training run (path and SHA-256, or Hub id), what a pretraining run trained on and for
+how long (``training_run``), the metadata it is given. What the USF-MAE paper says about the
 official checkpoints (the OpenUS-46 pretraining corpus, the downstream F1 scores) is stated as this
 model's only when its weights are, or start from, a file declared at conversion to be an official
 release (:data:`OFFICIAL_RELEASES`, ``usfmae convert --source``); otherwise it is labelled as the
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from usfmae_hf.errors import UsfmaeError
+from usfmae_hf.model.fields import CARD_FIELDS
 from usfmae_hf.version import __version__
 
 if TYPE_CHECKING:
@@ -84,6 +86,9 @@ OFFICIAL_LICENSE = "mit"
 UNKNOWN_LICENSE = "unknown"
 # Config attribute in which ``usfmae convert`` records where the weights came from.
 PROVENANCE_KEY = "usfmae_provenance"
+# Config attribute in which a usfmae-hf pretraining run records what it did (its ``training_run`` and initial
+# weights); its weights are no longer those that ``usfmae_provenance`` described, so it replaces that.
+PRETRAINING_KEY = "usfmae_pretraining"
 
 PROVENANCE_LABELS = {
     "source_file": "Source checkpoint",
@@ -103,23 +108,6 @@ CHECKPOINT_LAYOUTS = {
     "mae_checkpoint": "original MAE training checkpoint ({'model': ..., 'optimizer': ...})",
     "encoder_only": "encoder-only weights (no decoder)",
 }
-ARCHITECTURE_KEYS = (
-    "model_type",
-    "image_size",
-    "patch_size",
-    "num_channels",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "layer_norm_eps",
-    "decoder_hidden_size",
-    "decoder_num_hidden_layers",
-    "decoder_num_attention_heads",
-    "decoder_intermediate_size",
-    "mask_ratio",
-    "norm_pix_loss",
-)
 EXTRA_KEYS = ("description", "training", "evaluation_notes")
 
 
@@ -165,30 +153,57 @@ def official_release(provenance: Mapping[str, Any] | None) -> dict[str, Any] | N
     return OFFICIAL_RELEASES.get((provenance or {}).get("declared_source", ""))
 
 
-def _initial_weights(initialised_from: str | os.PathLike | None, base_model: str | None) -> dict[str, Any] | None:
-    """What is known about the weights a training run started from: a Hub id, or a local directory.
+def describe_initial_weights(initialised_from: str | os.PathLike) -> dict[str, Any]:
+    """What is known about the weights a training run starts from: a Hub id, or a local model directory.
 
-    A local directory is named by the path given, the SHA-256 of its ``model.safetensors`` and the
-    conversion provenance its ``config.json`` records (if usfmae-hf converted it).
+    A local directory is named by the path given, the SHA-256 of its ``model.safetensors``, the conversion
+    provenance its ``config.json`` records (if usfmae-hf converted it) and the pretraining run that wrote it
+    (if usfmae-hf pretrained it). A training run records this at its start, so that the cards of its
+    checkpoints and of a resumed run name the weights it started from even if the folder changed since.
     """
-    if initialised_from is None:
-        return {"name": base_model, "hub": True, "weights_sha256": None, "provenance": {}} if base_model else None
     folder = Path(initialised_from)
     if not folder.is_dir():
         return {"name": str(initialised_from), "hub": True, "weights_sha256": None, "provenance": {}}
-    provenance: dict[str, Any] = {}
+    recorded: dict[str, Any] = {}
     config_file = folder / "config.json"
     if config_file.is_file():
         try:
-            provenance = dict(json.loads(config_file.read_text(encoding="utf-8")).get(PROVENANCE_KEY) or {})
-        except (ValueError, AttributeError, TypeError):
-            provenance = {}
+            parsed = json.loads(config_file.read_text(encoding="utf-8"))
+        except ValueError:
+            parsed = {}
+        recorded = parsed if isinstance(parsed, dict) else {}
     weights = folder / "model.safetensors"
     weights_sha256 = None
     if weights.is_file():
         with open(weights, "rb") as handle:
             weights_sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
-    return {"name": str(initialised_from), "hub": False, "weights_sha256": weights_sha256, "provenance": provenance}
+    described = {
+        "name": str(initialised_from),
+        "hub": False,
+        "weights_sha256": weights_sha256,
+        "provenance": _recorded_mapping(recorded, PROVENANCE_KEY),
+    }
+    pretraining = _recorded_mapping(recorded, PRETRAINING_KEY)
+    if pretraining:
+        described["pretraining"] = pretraining
+    return described
+
+
+def _recorded_mapping(config: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = config.get(key)
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _initial_weights(
+    initialised_from: str | os.PathLike | Mapping[str, Any] | None, base_model: str | None
+) -> dict[str, Any] | None:
+    """:func:`describe_initial_weights` of ``initialised_from`` (or the description given); a Hub id if only
+    ``base_model`` is known; None if neither."""
+    if initialised_from is None:
+        return {"name": base_model, "hub": True, "weights_sha256": None, "provenance": {}} if base_model else None
+    if isinstance(initialised_from, Mapping):
+        return {"weights_sha256": None, "provenance": {}, **initialised_from}
+    return describe_initial_weights(initialised_from)
 
 
 def _license(explicit: str | None, provenance: Mapping[str, Any], init: Mapping[str, Any] | None) -> tuple[str, str]:
@@ -200,6 +215,9 @@ def _license(explicit: str | None, provenance: Mapping[str, Any], init: Mapping[
         return explicit, "as declared by the publisher of this card"
     recorded = provenance or (init or {}).get("provenance") or {}
     if not recorded.get("license"):
+        inherited = (init or {}).get("pretraining", {}).get("license")
+        if inherited and not provenance:
+            return str(inherited), f"recorded for the initial weights ({init['name']}) by the run that pretrained them"
         return UNKNOWN_LICENSE, ""
     if official_release(recorded) and recorded["license"] == OFFICIAL_LICENSE:
         basis = "the license of the USF-MAE reference repository, which publishes the official checkpoints"
@@ -222,6 +240,7 @@ def render_model_card(
     datasets: Sequence[str] | None = None,
     repo_id: str | None = None,
     extra: Mapping[str, Any] | None = None,
+    training_run: Mapping[str, Any] | None = None,
 ) -> ModelCard:
     """Render the model card (``README.md``) of a USF-MAE model directory.
 
@@ -241,7 +260,8 @@ def render_model_card(
         base_model: Hub id of the model this one derives from (metadata ``base_model``).
         initialised_from: the weights a training run started from: a Hub id (also the ``base_model``
             metadata unless given) or a local model directory, which the card names by its path, the
-            SHA-256 of its weights and the conversion provenance its config records.
+            SHA-256 of its weights and the conversion provenance its config records; or what
+            :func:`describe_initial_weights` recorded of either when the run started.
         license: Hub license id; default: the one recorded at conversion (``usfmae convert --license``,
             or the official releases' license), else that of the initial weights, else ``"unknown"``.
         results: results measured on *this* model, written to ``model-index`` and to the
@@ -256,6 +276,14 @@ def render_model_card(
         extra: optional text for the card: ``description`` (a paragraph added to the description),
             ``training`` (mapping of training hyperparameters, shown as a table),
             ``evaluation_notes`` (a paragraph on how the results were obtained).
+        training_run: what a pretraining run did, for ``"pretrained"`` cards (the card then says this
+            model is that run's result): ``from_scratch`` (true: random initial weights, no
+            ``initialised_from``), ``config`` (the config a from-scratch run built), ``data`` (one mapping
+            per source: ``name`` (path or Hub id), ``kind`` (e.g. ``"usfmae ingest build"``), ``hub``
+            (a Hub dataset), ``images`` (used; None for a stream), ``of`` (the source's size when fewer
+            were used), ``sources`` (source dataset name -> rows used), ``from_step`` (the step a
+            resumed run switched to it)), ``optimizer_steps``, ``images_seen``, ``epochs`` (None for a
+            stream) and ``bad_images`` (unreadable images skipped).
 
     Returns:
         The rendered :class:`huggingface_hub.ModelCard`; ``card.save(dir / "README.md")`` writes it.
@@ -276,7 +304,10 @@ def render_model_card(
     provenance = dict(provenance or {})
     if provenance:
         provenance.setdefault("converter_version", f"usfmae-hf {__version__}")
-    init = None if provenance else _initial_weights(initialised_from, base_model)
+    run = dict(training_run or {})
+    if run and kind != "pretrained":
+        raise UsfmaeError(f"training_run describes a pretraining run; a {kind!r} card does not take it")
+    init = None if provenance or run.get("from_scratch") else _initial_weights(initialised_from, base_model)
     if base_model is None and init and init["hub"]:
         base_model = init["name"]
     # The conversion behind these weights: this model's own, or that of the weights training started from.
@@ -310,7 +341,7 @@ def render_model_card(
         model_name=model_name,
         repo_id=repo_id or REPO_ID_PLACEHOLDER,
         base_model=base_model,
-        architecture={key: config_dict[key] for key in ARCHITECTURE_KEYS if key in config_dict},
+        architecture={key: config_dict[key] for key in CARD_FIELDS if key in config_dict},
         image_size=config_dict.get("image_size", 224),
         is_mae=config_dict.get("model_type") == "vit_mae",
         remote_code=bool(config_dict.get("auto_map")),
@@ -328,6 +359,7 @@ def render_model_card(
         held_out_datasets=[entry for entry in catalogue if entry.held_out],
         results=[dict(result) for result in results or []],
         datasets=list(datasets or []),
+        run=run,
         paper_results=PAPER_RESULTS,
         paper_title=PAPER_TITLE,
         paper_arxiv=PAPER_ARXIV,

@@ -1,4 +1,8 @@
-"""The quickstart's ``REPORT.md``: what ran, what it measured, and the same steps on the real release."""
+"""The quickstart's ``REPORT.md``: what ran, what it measured, and the same steps on the real release.
+
+Every command it shows is one of the installed programs (``usfmae ...``, ``accelerate launch -m
+usfmae_hf...``, ``python -c``), so that it runs from any folder, not only from a source checkout.
+"""
 
 from __future__ import annotations
 
@@ -31,8 +35,9 @@ usfmae convert USF-MAE_100ep.pth --output usf-mae-vit-base-encoder --format vit 
 # 2. Ingest the OpenUS-46 datasets you downloaded (one folder per dataset under /data/OpenUS-46)
 usfmae ingest /data/OpenUS-46 --output openus46-build --num-proc 8 --frame-stride 4 --slice-stride 2
 
-# 3. Continue pretraining on 8 GPUs (see training/README.md for multi-node, FSDP and DeepSpeed)
-accelerate launch --config_file training/configs/multi_gpu.yaml training/pretrain_mae.py \\
+# 3. Continue pretraining on 8 GPUs (1 GPU: usfmae pretrain with the same flags; multi-node, FSDP and DeepSpeed:
+#    the accelerate configs in the repository's training/ folder)
+accelerate launch --multi_gpu --num_processes 8 -m usfmae_hf.pretraining \\
     --model_name_or_path usf-mae-vit-base --dataset_dir openus46-build --output_dir runs/pretrain \\
     --recipe usfmae --num_train_epochs 100 --per_device_train_batch_size 64 --checkpointing_steps 1000
 
@@ -41,7 +46,7 @@ usfmae features /data/my-scans --model usf-mae-vit-base --output features.parque
 usfmae reconstruct scan.dcm --model usf-mae-vit-base --output reconstruction.png
 
 # 5. Fine-tune and evaluate on a held-out USF-MAE evaluation set (BUS-BRA fold 1), then push
-python training/finetune_classification.py --model_name_or_path usf-mae-vit-base \\
+usfmae finetune --model_name_or_path usf-mae-vit-base \\
     --task busbra --data_root /data/BUSBRA --fold 1 --recipe mae --output_dir runs/busbra-f1 \\
     --num_train_epochs 50 --per_device_train_batch_size 32 --eval_strategy epoch
 usfmae probe --model usf-mae-vit-base --task busbra --data_root /data/BUSBRA --fold 1 --method linear --output-dir runs/busbra-probe

@@ -8,7 +8,7 @@ the report prints:
 2. write a small MAE in USF-MAE's original checkpoint layout and convert it, verified
    (``usfmae convert``) - the released USF-MAE weights cannot be downloaded here, so a small
    randomly initialised model of the same structure stands in for them;
-3. continue pretraining it with the Accelerate loop (``training/pretrain_mae.py``);
+3. continue pretraining it with the Accelerate loop (``usfmae pretrain``);
 4. load the result with ``AutoModel`` and the exact (PIL-backend) image processor
    (:func:`usfmae_hf.image.processor.load_image_processor`), measuring how far the default
    ``AutoImageProcessor`` backend is from it on these frames;
@@ -16,7 +16,7 @@ the report prints:
 6. build a small labelled task from the ingested frames (probe orientation: upright vs flipped fan),
    split by scan so that no scan content is in both splits, and prove it with ``check_leakage``
    (:mod:`usfmae_hf.quickstart.task`);
-7. fine-tune a classifier on it with the Trainer (``training/finetune_classification.py``);
+7. fine-tune a classifier on it with the Trainer (``usfmae finetune``);
 8. write ``REPORT.md`` with the figures, metrics and the commands for the real checkpoints/datasets.
 """
 
@@ -235,9 +235,7 @@ class Quickstart:
             if pretrain_main(flags):
                 raise UsfmaeError("pretraining failed")
 
-        self._run(
-            "Continue pretraining with the Accelerate MAE loop", ["python", "training/pretrain_mae.py", *flags], action
-        )
+        self._run("Continue pretraining with the Accelerate MAE loop", ["usfmae", "pretrain", *flags], action)
         records = [json.loads(line) for line in (pretrain_dir / "log.jsonl").read_text().splitlines() if line.strip()]
         self.results["pretrain_log"] = records
 
@@ -367,7 +365,7 @@ class Quickstart:
 
         self._run(
             "Fine-tune a classifier with the Trainer (upright vs flipped scans)",
-            ["python", "training/finetune_classification.py", *flags],
+            ["usfmae", "finetune", *flags],
             action,
         )
         self.results["finetune"] = json.loads((finetune_dir / "all_results.json").read_text())
