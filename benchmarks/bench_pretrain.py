@@ -47,6 +47,28 @@ def make_images(directory: Path, count: int) -> None:
         )
 
 
+def run_flags(config_file: Path, images: Path, output: Path, batch_size: int, steps: int, precision: str) -> list[str]:
+    """Flags of a real pretraining run that logs every step and draws no reconstruction figures."""
+    return [
+        "--config_name",
+        str(config_file),
+        "--train_dir",
+        str(images),
+        "--output_dir",
+        str(output),
+        "--per_device_train_batch_size",
+        str(batch_size),
+        "--max_steps",
+        str(steps),
+        "--mixed_precision",
+        precision,
+        "--num_reconstruction_images",
+        "0",
+        "--logging_steps",
+        "1",
+    ]
+
+
 def transformer_flops(tokens: int, width: int, layers: int, mlp: int) -> float:
     """Forward FLOPs of ``layers`` pre-norm ViT blocks on ``tokens`` tokens (multiply-add = 2 FLOPs)."""
     projections = 2 * tokens * (4 * width * width + 2 * width * mlp)
@@ -112,25 +134,8 @@ def interleaved(config_file: Path, images: Path, output: Path, bare: BareLoop, a
         bare.step()
         self.stats.restart_clock()  # the bare step is not the real loop's time
 
-    flags = [
-        "--config_name",
-        str(config_file),
-        "--train_dir",
-        str(images),
-        "--output_dir",
-        str(output),
-        "--per_device_train_batch_size",
-        str(args.batch_size),
-        "--max_steps",
-        str(args.steps),
-        *([] if args.workers is None else ["--dataloader_num_workers", str(args.workers)]),
-        "--mixed_precision",
-        args.mixed_precision,
-        "--num_reconstruction_images",
-        "0",
-        "--logging_steps",
-        "1",
-    ]
+    flags = run_flags(config_file, images, output, args.batch_size, args.steps, args.mixed_precision)
+    flags += [] if args.workers is None else ["--dataloader_num_workers", str(args.workers)]
     trainer.Pretrainer._end_of_step = end_of_step_then_bare
     try:
         if main(flags + (["--torch_compile"] if args.torch_compile else [])):

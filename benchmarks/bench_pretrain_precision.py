@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from bench_pretrain import make_images, run_flags  # this folder is on sys.path when a script in it runs
 
 from usfmae_hf.precision import cpu_flags, cpu_name
 
@@ -43,39 +43,11 @@ SIZES = {
 }
 
 
-def make_images(directory: Path, count: int) -> None:
-    """Ultrasound-sized (640 x 480) grey PNGs with smooth structure and speckle."""
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:480, 0:640]
-    for index in range(count):
-        base = 96 + 64 * np.sin(x / (30 + index) + y / 45)
-        speckle = rng.gamma(2.0, 20.0, size=base.shape)
-        Image.fromarray(np.clip(base + speckle - 40, 0, 255).astype(np.uint8), "L").save(
-            directory / f"scan_{index:03d}.png"
-        )
-
-
 def run(precision: str, config_file: Path, images: Path, output: Path, args) -> list[dict]:
     """One real pretraining run; its ``log.jsonl`` records (one per step)."""
     from usfmae_hf.pretraining import main
 
-    flags = [
-        "--config_name",
-        str(config_file),
-        "--train_dir",
-        str(images),
-        "--output_dir",
-        str(output),
-        "--per_device_train_batch_size",
-        str(args.batch_size),
-        "--max_steps",
-        str(args.steps),
-        "--mixed_precision",
-        precision,
-        "--num_reconstruction_images",
-        "0",
-        "--logging_steps",
-        "1",
+    flags = run_flags(config_file, images, output, args.batch_size, args.steps, precision) + [
         "--seed",
         "0",
         # one peak learning rate for both runs, at which the model learns in a few steps
