@@ -1,26 +1,36 @@
 """Inference and reader throughput, as ratios measured in one run (machines are noisy).
 
-ViT-B/16 at 224, batch 16, fp32 on CPU:
-  * ``extract_features`` (on preprocessed pixel_values, and from PIL images incl. preprocessing)
-    vs timm ``forward_features`` vs stock ``ViTMAEModel`` (all 196 patches kept), in images/s;
-  * achieved FLOP/s of ``extract_features`` vs a matmul peak (the best of square and ViT-B-shaped fp32
-    ``torch.mm``) measured here.
-  Target: >= 1.0x timm; stretch: >= 90% of the matmul peak.
-Readers: frames/s on one core of ``load_frames`` for PNG and for DICOM (uncompressed, JPEG 2000,
-JPEG baseline cine).
+Every section times its contenders in turn, round after round (so that the load of other processes falls
+on all of them alike), and reports medians and ratios from the same rounds. Weights are random
+(throughput does not depend on them); ViT-B/16 at 224, batch 16, on ``--device`` (default CPU).
 
-Precision (``--dtype auto`` of the inference commands): the CPU, the capability detected
-(:mod:`usfmae_hf.precision`), and bf16 against fp32 on real pydicom-data ultrasound frames, for the
-quickstart's small MAE and for ViT-B/16: feature cosine similarity (min over frames, CLS and patch
-tokens) and max abs difference, and the bf16/fp32 throughput ratio of ``extract_features``.
+fp32 (section ``fp32``): ``extract_features`` (fused forward, see :mod:`usfmae_hf.inference.features`) with
+CLS pooling (its last block runs for the CLS token only), with patch tokens (the whole forward), from PIL
+images incl. preprocessing, and with ``fast=False`` (the stock ``ViTModel`` forward), against timm's
+``forward_features`` and the stock ``ViTMAEModel`` (all 196 patches kept), in images/s, as a ratio to timm,
+as a share of the fp32 matmul peak measured here and, with ``--peak-tflops``, as MFU. Also the agreement of
+the fused and the stock forward. Target: >= 1.15x timm.
 
-Weights are random (throughput does not depend on them). Run: ``python benchmarks/bench_inference.py``
-(a few minutes on 2 cores; ``--iterations`` trades time for steadier numbers, ``--sections`` picks parts).
+Precision (section ``precision``; ``--dtype auto`` of the inference commands): the capability detected
+(:mod:`usfmae_hf.precision`); for ViT-B/16 the bf16 paths (bf16 weights: fused and stock forward; fp32
+weights under bf16 autocast) against timm fp32 in the same rounds (target where AMX exists: >= 3x), and
+bf16 against fp32 features on real pydicom-data ultrasound frames: min cosine similarity over frames and
+max abs difference, CLS and patch tokens, for ViT-B/16 and the quickstart's small MAE.
+
+``compile`` (not run by default: minutes of compiling on 2 cores): ``torch.compile`` (inductor) of the
+stock forward against timm and the fused forward, with its compile time.
+
+Readers (section ``readers``): frames/s on one core of ``load_frames`` for PNG and for DICOM
+(uncompressed, JPEG 2000, RLE, JPEG baseline cine).
+
+Run: ``python benchmarks/bench_inference.py`` (several minutes on 2 cores; ``--iterations`` trades time for
+steadier numbers, ``--sections`` picks parts; ``--device cuda --peak-tflops 989`` on a GPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,48 +41,66 @@ import numpy as np
 import torch
 from PIL import Image
 
-from usfmae_hf.precision import cpu_name
+from usfmae_hf.precision import bf16_support, cpu_features, cpu_name, describe_precision
+
+BATCH_IMAGE_SIZE = 224
 
 
-def best_seconds(function: Callable[[], object], iterations: int) -> float:
-    """Fastest of ``iterations`` timed calls after one warm-up call."""
-    return interleaved_best_seconds({"f": function}, iterations)["f"]
+def interleaved_seconds(
+    functions: dict[str, Callable[[], object]], rounds: int, device: torch.device | None = None
+) -> dict[str, list[float]]:
+    """Seconds of each call of each function over ``rounds`` round-robin rounds (after a warm-up round).
 
-
-def interleaved_best_seconds(functions: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Fastest call of each function over ``rounds`` round-robin rounds (after a warm-up round).
-
-    Taking turns spreads the load of other processes on a shared machine evenly over the contenders.
+    Taking turns spreads the load of other processes on a shared machine evenly over the contenders. On a
+    GPU every call is followed by a synchronisation, so it is timed to its end.
     """
-    best = dict.fromkeys(functions, float("inf"))
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else lambda: None
+    seconds: dict[str, list[float]] = {name: [] for name in functions}
     for round_index in range(rounds + 1):
         for name, function in functions.items():
+            sync()
             start = time.perf_counter()
             function()
+            sync()
             if round_index:
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
+                seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def medians(seconds: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def best_seconds(function: Callable[[], object], iterations: int, device: torch.device | None = None) -> float:
+    """Fastest of ``iterations`` timed calls after one warm-up call (for peaks and readers)."""
+    return min(interleaved_seconds({"f": function}, iterations, device)["f"])
 
 
 def vit_forward_flops(
-    image_size: int = 224, patch: int = 16, dim: int = 768, depth: int = 12, mlp: int = 3072
+    image_size: int = 224, patch: int = 16, dim: int = 768, depth: int = 12, mlp: int = 3072, cls_only: bool = False
 ) -> float:
-    """Multiply-add FLOPs (2 per MAC) of one ViT encoder forward pass (patch embedding + blocks)."""
+    """Multiply-add FLOPs (2 per MAC) of one ViT encoder forward pass (patch embedding + blocks).
+
+    ``cls_only``: the last block computes keys and values of all tokens but everything else for the CLS token
+    only, as ``extract_features(pooling="cls")`` does.
+    """
     tokens = (image_size // patch) ** 2 + 1
     patch_embed = (tokens - 1) * (3 * patch * patch) * dim
     per_block = tokens * (4 * dim * dim + 2 * dim * mlp) + 2 * tokens * tokens * dim
-    return 2.0 * (patch_embed + depth * per_block)
+    last_block = tokens * 2 * dim * dim + (2 * dim * dim + 2 * dim * mlp) + 2 * tokens * dim if cls_only else per_block
+    return 2.0 * (patch_embed + (depth - 1) * per_block + last_block)
 
 
 # Square GEMMs and ViT-B's own MLP GEMMs at batch 16 (16 x 197 tokens): the best of them is the peak.
 PEAK_SHAPES = ((2048, 2048, 2048), (4096, 4096, 4096), (16 * 197, 768, 3072), (16 * 197, 3072, 768))
 
 
-def matmul_peak(iterations: int) -> float:
+def matmul_peak(iterations: int, device: torch.device) -> float:
+    """The best fp32 ``torch.mm`` FLOP/s over :data:`PEAK_SHAPES` on ``device``."""
     rates = []
     for m, k, n in PEAK_SHAPES:
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        rates.append(2.0 * m * k * n / best_seconds(lambda a=a, b=b: torch.mm(a, b), iterations))
+        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+        rates.append(2.0 * m * k * n / best_seconds(lambda a=a, b=b: torch.mm(a, b), iterations, device))
     return max(rates)
 
 
@@ -89,21 +117,12 @@ def random_model_directory(directory: str, **config_kwargs) -> str:
     return directory
 
 
-def bench_models(batch: int, iterations: int) -> dict[str, float]:
+def timm_vit_b(device: torch.device) -> torch.nn.Module:
+    """timm's ViT-B/16 (``vit_base_patch16_224`` without its head), random weights, eval mode."""
     from timm.models.vision_transformer import VisionTransformer
-    from transformers import ViTMAEForPreTraining
-
-    from usfmae_hf.inference.features import extract_features, load_encoder
 
     torch.manual_seed(0)
-    pixel_values = torch.randn(batch, 3, 224, 224)
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)) for _ in range(batch)]
-    with tempfile.TemporaryDirectory() as directory:
-        random_model_directory(directory)
-        encoder = load_encoder(directory)
-        stock = ViTMAEForPreTraining.from_pretrained(directory).vit.eval()  # stock ViTMAEModel
-    timm_model = VisionTransformer(
+    model = VisionTransformer(
         img_size=224,
         patch_size=16,
         embed_dim=768,
@@ -112,29 +131,14 @@ def bench_models(batch: int, iterations: int) -> dict[str, float]:
         qkv_bias=True,
         norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
         num_classes=0,
-    ).eval()
-    noise = torch.arange(196, dtype=torch.float32).expand(batch, -1)
-
-    @torch.inference_mode()
-    def run_stock():
-        return stock(pixel_values, noise=noise)
-
-    @torch.inference_mode()
-    def run_timm():
-        return timm_model.forward_features(pixel_values)
-
-    seconds = interleaved_best_seconds(
-        {
-            "extract_features (pixel_values)": lambda: extract_features(encoder, pixel_values, batch_size=batch),
-            "extract_features (PIL 640x480, incl. preprocessing)": lambda: extract_features(
-                encoder, images, batch_size=batch
-            ),
-            "timm forward_features": run_timm,
-            "stock ViTMAEModel (mask_ratio 0)": run_stock,
-        },
-        iterations,
     )
-    return {name: batch / value for name, value in seconds.items()}
+    return model.eval().to(device)
+
+
+def agreement(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
+    """Min cosine similarity over images and max abs difference of two ``(N, ...)`` feature tensors."""
+    a, b = reference.flatten(1).double(), other.flatten(1).double()
+    return torch.nn.functional.cosine_similarity(a, b, dim=1).min().item(), (a - b).abs().max().item()
 
 
 def ultrasound_frames(count: int) -> list[np.ndarray]:
@@ -153,41 +157,156 @@ def ultrasound_frames(count: int) -> list[np.ndarray]:
     return frames[:count]
 
 
-def bf16_agreement(fp32: torch.Tensor, bf16: torch.Tensor) -> tuple[float, float]:
-    """Min cosine similarity over images and max abs difference of two ``(N, ...)`` feature tensors."""
-    a, b = fp32.flatten(1).double(), bf16.flatten(1).double()
-    return torch.nn.functional.cosine_similarity(a, b, dim=1).min().item(), (a - b).abs().max().item()
+class Report:
+    """Prints img/s, the ratio to a reference and the share of each peak for each contender of one run.
+
+    A contender whose name says ``CLS`` is credited with the FLOPs of the CLS-only last block.
+    """
+
+    def __init__(self, batch: int, peaks: dict[str, float]):
+        self.batch, self.peaks = batch, peaks
+
+    def rows(self, seconds: dict[str, list[float]], reference: str, reference_label: str) -> dict[str, float]:
+        rates = {name: self.batch / value for name, value in medians(seconds).items()}
+        for name, rate in rates.items():
+            flops = vit_forward_flops(cls_only="CLS" in name)
+            shares = "  ".join(f"{rate * flops / peak:6.1%} of {label}" for label, peak in self.peaks.items())
+            print(f"  {name:58s} {rate:7.2f} img/s  {rate / rates[reference]:5.2f}x {reference_label}  {shares}")
+        return rates
 
 
-def bench_precision(batch: int, iterations: int) -> dict[str, dict[str, float]]:
-    """bf16 against fp32 for the quickstart's small MAE and for ViT-B/16 on real ultrasound frames."""
+def race_timm(
+    contenders: dict[str, Callable[[], object]], pixel_values: torch.Tensor, iterations: int, report: Report
+) -> None:
+    """Time ``contenders`` in the same rounds as timm's fp32 ViT-B/16 ``forward_features`` and report ratios."""
+    timm_model = timm_vit_b(pixel_values.device)
+
+    @torch.inference_mode()
+    def run_timm():
+        return timm_model.forward_features(pixel_values)
+
+    reference = "timm forward_features fp32 (reference)"
+    seconds = interleaved_seconds({reference: run_timm, **contenders}, iterations, pixel_values.device)
+    report.rows(seconds, reference, "timm fp32")
+
+
+def bench_fp32(batch: int, iterations: int, device: torch.device, report: Report) -> None:
+    from transformers import ViTMAEForPreTraining
+
+    from usfmae_hf.inference.features import extract_features, fast_path_blocker, load_encoder
+
+    torch.manual_seed(0)
+    pixel_values = torch.randn(batch, 3, BATCH_IMAGE_SIZE, BATCH_IMAGE_SIZE, device=device)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)) for _ in range(batch)]
+    with tempfile.TemporaryDirectory() as directory:
+        random_model_directory(directory)
+        encoder = load_encoder(directory, device=device)
+        stock = ViTMAEForPreTraining.from_pretrained(directory).vit.eval().to(device)  # stock ViTMAEModel
+    noise = torch.arange(196, dtype=torch.float32, device=device).expand(batch, -1)
+    print(f"  fused forward: {fast_path_blocker(encoder) or 'used'}")
+
+    def features(source, pooling="cls", fast=True):
+        return lambda: extract_features(encoder, source, pooling, batch_size=batch, fast=fast)
+
+    @torch.inference_mode()
+    def run_stock():
+        return stock(pixel_values, noise=noise)
+
+    contenders = {
+        "extract_features, CLS (pixel_values)": features(pixel_values),
+        "extract_features, patch tokens (pixel_values)": features(pixel_values, "patches"),
+        "extract_features, CLS, PIL 640x480 incl. preprocessing": features(images),
+        "extract_features, patch tokens, fast=False (stock forward)": features(pixel_values, "patches", False),
+        "stock ViTMAEModel (mask_ratio 0)": run_stock,
+    }
+    race_timm(contenders, pixel_values, iterations, report)
+    frames = ultrasound_frames(batch)
+    for label, source in (("random pixel_values", pixel_values), (f"{batch} ultrasound frames", frames)):
+        for pooling in ("cls", "patches"):
+            cosine, difference = agreement(
+                extract_features(encoder, source, pooling, batch_size=batch, fast=False),
+                extract_features(encoder, source, pooling, batch_size=batch),
+            )
+            print(
+                f"  fused vs stock forward, {pooling:7s} on {label:22s}: max abs diff {difference:.2e}, "
+                f"min cosine {cosine:.8f} (tolerance 1e-4, 0.99999)"
+            )
+
+
+def bench_precision(batch: int, iterations: int, device: torch.device, report: Report) -> None:
+    """bf16 vs fp32 features on real ultrasound frames, then the bf16 paths of ViT-B/16 against timm fp32."""
     from usfmae_hf.inference.features import extract_features, load_encoder, processor_for
     from usfmae_hf.quickstart.runner import SMALL_MAE
 
     frames = ultrasound_frames(batch)
-    results = {}
     for label, config in (("small MAE (quickstart, 64 px)", SMALL_MAE), ("ViT-B/16 (224 px)", {})):
         with tempfile.TemporaryDirectory() as directory:
             random_model_directory(directory, **config)
-            fp32, bf16 = load_encoder(directory), load_encoder(directory, dtype=torch.bfloat16)
-            pixel_values = processor_for(fp32)(frames, return_tensors="pt")["pixel_values"]
-        row = {}
+            fp32 = load_encoder(directory, device=device)
+            bf16 = load_encoder(directory, device=device, dtype=torch.bfloat16)
+            pixel_values = processor_for(fp32)(frames, return_tensors="pt")["pixel_values"].to(device)
+        print(f"  {label}:")
         for pooling in ("cls", "patches"):
-            cosine, difference = bf16_agreement(
-                extract_features(fp32, pixel_values, pooling, batch_size=batch),
-                extract_features(bf16, pixel_values, pooling, batch_size=batch),
-            )
-            row[f"{pooling} min cosine"], row[f"{pooling} max abs diff"] = cosine, difference
-        seconds = interleaved_best_seconds(
-            {
-                name: lambda encoder=encoder, pixels=pixel_values: extract_features(encoder, pixels, batch_size=batch)
-                for name, encoder in (("fp32", fp32), ("bf16", bf16))
-            },
-            iterations,
-        )
-        row["fp32 img/s"], row["bf16 img/s"] = batch / seconds["fp32"], batch / seconds["bf16"]
-        results[label] = row
-    return results
+            reference = extract_features(fp32, pixel_values, pooling, batch_size=batch)
+            for name, fast in (("fused", True), ("stock", False)):
+                cosine, difference = agreement(
+                    reference, extract_features(bf16, pixel_values, pooling, batch_size=batch, fast=fast)
+                )
+                print(
+                    f"    bf16 weights ({name} forward) vs fp32, {pooling:7s}: min cosine {cosine:.6f}, "
+                    f"max abs diff {difference:.4f}"
+                )
+    time_bf16_paths(fp32, bf16, pixel_values, iterations, report)  # ViT-B, the last model above
+
+
+def time_bf16_paths(
+    fp32: torch.nn.Module, bf16: torch.nn.Module, pixel_values: torch.Tensor, iterations: int, report: Report
+) -> None:
+    from usfmae_hf.inference.features import extract_features
+
+    batch, device = len(pixel_values), pixel_values.device
+
+    def features(encoder, pooling="cls", fast=True, autocast=False):
+        def run():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                return extract_features(encoder, pixel_values, pooling, batch_size=batch, fast=fast)
+
+        return run
+
+    contenders = {
+        "extract_features fp32, CLS": features(fp32),
+        "extract_features bf16 weights, CLS": features(bf16),
+        "extract_features bf16 weights, patch tokens": features(bf16, "patches"),
+        "extract_features bf16 weights, patch tokens, fast=False": features(bf16, "patches", False),
+        "extract_features fp32 weights, bf16 autocast, patch tokens, fast=False": features(
+            fp32, "patches", False, True
+        ),
+    }
+    race_timm(contenders, pixel_values, iterations, report)
+
+
+def bench_compile(batch: int, iterations: int, device: torch.device, report: Report) -> None:
+    """``torch.compile`` (inductor, default mode) of the stock forward against timm and the fused forward."""
+    from usfmae_hf.inference.features import extract_features, load_encoder
+
+    pixel_values = torch.randn(batch, 3, BATCH_IMAGE_SIZE, BATCH_IMAGE_SIZE, device=device)
+    with tempfile.TemporaryDirectory() as directory:
+        random_model_directory(directory)
+        encoder = load_encoder(directory, device=device)
+    compiled = torch.compile(encoder)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        output = compiled(pixel_values=pixel_values).last_hidden_state
+    print(f"  torch.compile (inductor): first call (compiling) {time.perf_counter() - start:.0f} s")
+    cosine, difference = agreement(extract_features(encoder, pixel_values, "patches", fast=False), output[:, 1:])
+    print(f"  compiled vs stock forward: max abs diff {difference:.2e}, min cosine {cosine:.8f}")
+
+    contenders = {
+        "torch.compile(stock ViTModel)": torch.inference_mode()(lambda: compiled(pixel_values=pixel_values)),
+        "extract_features, patch tokens": lambda: extract_features(encoder, pixel_values, "patches"),
+    }
+    race_timm(contenders, pixel_values, iterations, report)
 
 
 def bench_readers(iterations: int) -> dict[str, float]:
@@ -222,49 +341,67 @@ def bench_readers(iterations: int) -> dict[str, float]:
     return results
 
 
-SECTIONS = ("models", "precision", "readers")
+def describe_device(device: torch.device) -> str:
+    """The machine in one line: CPU model, its vector/matrix features, torch's kernels, the ``auto`` precision."""
+    line = (
+        f"CPU {cpu_name()} ({', '.join(cpu_features()) or 'features unknown'}; torch kernels "
+        f"{torch.backends.cpu.get_cpu_capability()}; fast bf16: {bf16_support('cpu') or 'no'})"
+    )
+    if device.type == "cuda":
+        line += f"; GPU {torch.cuda.get_device_name(device)}"
+    return f"{line}; --dtype auto on {device}: {describe_precision('auto', device)}"
+
+
+SECTIONS = ("fp32", "precision", "compile", "readers")
+DEFAULT_SECTIONS = ("fp32", "precision", "readers")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
     parser.add_argument(
-        "--iterations", type=int, default=2, help="timed repetitions after a warm-up; best is kept (default: 2)"
+        "--iterations", type=int, default=5, help="timed rounds after a warm-up; medians are kept (default: 5)"
     )
     parser.add_argument(
-        "--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure (default: all)"
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(DEFAULT_SECTIONS),
+        help=f"what to measure (default: {' '.join(DEFAULT_SECTIONS)}; compile takes minutes on 2 cores)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak TFLOP/s for the dtype measured (e.g. a datasheet's dense bf16 figure): adds MFU",
     )
     args = parser.parse_args()
-    from usfmae_hf.precision import describe_precision
-
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}; CPU {cpu_name()} "
-        f"(torch capability {torch.backends.cpu.get_cpu_capability()}); --dtype auto here: {describe_precision()}"
-    )
-    if "models" in args.sections:
-        print("fp32 throughput:")
-        peak = matmul_peak(max(args.iterations, 10))
-        flops = vit_forward_flops()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch sees no CUDA device here")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, device {device}")
+    print(describe_device(device))
+    flops = vit_forward_flops()
+    peaks: dict[str, float] = {}
+    if {"fp32", "precision", "compile"} & set(args.sections):
+        peaks["fp32 matmul peak"] = matmul_peak(max(args.iterations, 10), device)
         print(
-            f"matmul peak (best of square and ViT-B MLP fp32 GEMMs): {peak / 1e9:.1f} GFLOP/s; "
-            f"ViT-B/16 forward: {flops / 1e9:.1f} GFLOP/image"
+            f"fp32 matmul peak (best of square and ViT-B MLP GEMMs) on {device}: "
+            f"{peaks['fp32 matmul peak'] / 1e9:.1f} GFLOP/s; ViT-B/16 forward: {flops / 1e9:.1f} GFLOP/image"
         )
-        rates = bench_models(args.batch_size, args.iterations)
-        timm_rate = rates["timm forward_features"]
-        for name, rate in rates.items():
-            print(
-                f"  {name:55s} {rate:6.2f} img/s  {rate / timm_rate:5.2f}x timm  "
-                f"{rate * flops / peak:6.1%} of matmul peak"
-            )
+    if args.peak_tflops:
+        peaks[f"{args.peak_tflops:g} TFLOP/s (MFU)"] = args.peak_tflops * 1e12
+    report = Report(args.batch_size, peaks)
+    if "fp32" in args.sections:
+        print("fp32, ViT-B/16 (target: extract_features >= 1.15x timm):")
+        bench_fp32(args.batch_size, args.iterations, device, report)
     if "precision" in args.sections:
-        print(f"bf16 vs fp32 (bf16 weights), {args.batch_size} pydicom-data ultrasound frames:")
-        for name, row in bench_precision(args.batch_size, args.iterations).items():
-            print(
-                f"  {name:30s} CLS min cosine {row['cls min cosine']:.6f}, max abs diff {row['cls max abs diff']:.4f}; "
-                f"patches min cosine {row['patches min cosine']:.6f}, max abs diff {row['patches max abs diff']:.4f}; "
-                f"fp32 {row['fp32 img/s']:.2f} img/s, bf16 {row['bf16 img/s']:.2f} img/s "
-                f"({row['bf16 img/s'] / row['fp32 img/s']:.2f}x)"
-            )
+        print(f"bf16 (target where AMX exists: >= 3x timm fp32), {args.batch_size} pydicom-data ultrasound frames:")
+        bench_precision(args.batch_size, args.iterations, device, report)
+    if "compile" in args.sections:
+        print("torch.compile, fp32, ViT-B/16:")
+        bench_compile(args.batch_size, args.iterations, device, report)
     if "readers" in args.sections:
         # The readers are single-threaded Python: frames/s in this process is frames/s per core.
         torch.set_num_threads(1)

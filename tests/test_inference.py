@@ -11,7 +11,8 @@ from PIL import Image
 
 from usfmae_hf.errors import UsfmaeError
 from usfmae_hf.image.processor import build_image_processor
-from usfmae_hf.inference.features import extract_features, load_encoder, processor_for
+from usfmae_hf.inference import features as features_module
+from usfmae_hf.inference.features import extract_features, fast_path_blocker, load_encoder, processor_for
 from usfmae_hf.inference.reconstruction import reconstruct
 
 
@@ -126,6 +127,88 @@ def test_bf16_features_of_real_ultrasound_frames_stay_close_to_fp32(tiny_model_d
         cosine = (full * half).sum(1) / np.linalg.norm(full, axis=1) / np.linalg.norm(half, axis=1)
         assert cosine.min() > 0.9995, (pooling, cosine.min())  # measured 0.99998 (cls), 0.99999 (patches)
         assert 0 < np.abs(full - half).max() < 0.1  # measured 0.02 on features of magnitude up to 3
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fused_forward_equals_the_stock_forward(tiny_model_dir, images, dtype):
+    encoder = load_encoder(tiny_model_dir, dtype=dtype)
+    assert fast_path_blocker(encoder) is None
+    tolerance = {"fp32": 1e-5, "bf16": 0.05}[dtype]
+    for pooling in ("cls", "mean", "patches"):
+        # batch 2 then 1: the reused work buffers serve a smaller last batch
+        fused = extract_features(encoder, images, pooling, batch_size=2)
+        stock = extract_features(encoder, images, pooling, batch_size=2, fast=False)
+        torch.testing.assert_close(fused, stock, rtol=tolerance, atol=tolerance)
+    on_onednn = features_module._onednn_bf16(torch.device("cpu"), torch.bfloat16)
+    assert features_module._fast_vit(encoder).packed == (dtype == "bf16" and on_onednn)
+
+
+def test_bf16_without_onednn_takes_the_plain_ops(tiny_model_dir, pixel_values, monkeypatch):
+    encoder = load_encoder(tiny_model_dir, dtype="bf16")
+    expected = extract_features(encoder, pixel_values, "patches", fast=False)
+
+    def unsupported():
+        raise RuntimeError("no oneDNN bf16 in this build")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", unsupported)
+    assert not features_module._onednn_bf16(torch.device("cpu"), torch.bfloat16)
+    features_module._FAST.clear()
+    assert not features_module._fast_vit(encoder).packed
+    torch.testing.assert_close(extract_features(encoder, pixel_values, "patches"), expected, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fused_forward_follows_changed_and_moved_weights(tiny_model_dir, pixel_values, dtype):
+    encoder = load_encoder(tiny_model_dir, dtype=dtype)
+    before = extract_features(encoder, pixel_values, "patches")
+    with torch.no_grad():
+        encoder.layers[1].mlp.fc2.weight.mul_(3)  # in place: the packed copies are stale now
+    after = extract_features(encoder, pixel_values, "patches")
+    assert (after - before).abs().max() > 0.1
+    torch.testing.assert_close(
+        after, extract_features(encoder, pixel_values, "patches", fast=False), rtol=0.05, atol=0.05
+    )
+    other = "fp32" if dtype == "bf16" else "bf16"
+    moved = extract_features(encoder, pixel_values, "patches", dtype=other)
+    assert next(encoder.parameters()).dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[other]
+    torch.testing.assert_close(moved, after, rtol=0.05, atol=0.05)
+
+
+def test_encoders_the_fused_forward_does_not_reproduce_take_the_stock_one(tiny_model_dir, pixel_values):
+    encoder = load_encoder(tiny_model_dir)
+    plain = extract_features(encoder, pixel_values, "patches")
+    handle = encoder.layers[0].mlp.register_forward_hook(lambda module, args, output: 3 * output)
+    assert "hook" in fast_path_blocker(encoder)
+    hooked = extract_features(encoder, pixel_values, "patches")
+    assert (hooked - plain).abs().max() > 0.1  # the hook ran
+    torch.testing.assert_close(hooked, extract_features(encoder, pixel_values, "patches", fast=False))
+    handle.remove()
+
+    class Scaled(torch.nn.Linear):  # e.g. what LoRA puts in place of a projection
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    scaled = Scaled(32, 32)
+    scaled.load_state_dict(encoder.layers[1].attention.v_proj.state_dict())
+    encoder.layers[1].attention.v_proj = scaled
+    assert "Scaled" in fast_path_blocker(encoder)
+    torch.testing.assert_close(
+        extract_features(encoder, pixel_values, "patches"),
+        extract_features(encoder, pixel_values, "patches", fast=False),
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "autocast" in fast_path_blocker(encoder)
+    assert "training" in fast_path_blocker(load_encoder(tiny_model_dir).train())
+
+
+def test_threads_may_share_an_encoder(encoder, pixel_values):
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = extract_features(encoder, pixel_values, "patches", fast=False)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: extract_features(encoder, pixel_values, "patches", batch_size=1), range(8)))
+    for result in results:
+        torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_processor_comes_from_the_model_directory(encoder, tiny_model_dir, tmp_path):

@@ -111,3 +111,13 @@ def test_cpu_name_reads_the_model_name_line(tmp_path):
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Example CPU 9000\nflags\t\t: avx2\n")
     assert cpu_name(cpuinfo) == "Example CPU 9000"
     assert cpu_name(tmp_path / "missing")  # falls back to the platform's string, never empty
+
+
+def test_cpu_features_name_the_vector_and_matrix_units(fake_cpu, tmp_path):
+    from usfmae_hf.precision import cpu_features
+
+    fake_cpu("avx512f avx512_bf16 amx_bf16 amx_tile")
+    assert cpu_features() == ["AVX2", "AVX-512", "AVX-512 BF16", "AMX"]
+    fake_cpu("")  # an AVX2-only machine such as the AMD EPYC ones
+    assert cpu_features() == ["AVX2"]
+    assert cpu_features(tmp_path / "missing") == []

@@ -76,6 +76,17 @@ def cpu_name(cpuinfo: Path | None = None) -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+# /proc/cpuinfo flag -> the vector / matrix feature it stands for, as benchmarks name them.
+_CPU_FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX-512 BF16", "amx_tile": "AMX"}
+
+
+def cpu_features(cpuinfo: Path | None = None) -> list[str]:
+    """The CPU's vector and matrix features that decide inference speed, e.g. ``["AVX2", "AVX-512", "AMX"]``
+    (empty where ``/proc/cpuinfo`` is unreadable); benchmarks print them beside their figures."""
+    flags = cpu_flags(cpuinfo) or frozenset()
+    return [feature for flag, feature in _CPU_FEATURES.items() if flag in flags]
+
+
 def _cpu_bf16_feature() -> str | None:
     """The CPU feature that makes bf16 fast here (``"AMX"``, ``"AVX-512 BF16"``), or ``None``."""
     flags = cpu_flags()

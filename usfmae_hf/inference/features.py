@@ -7,15 +7,17 @@ converted flavour (a ``vit_mae`` directory or a ``--format vit`` one) into a pla
 masking, no shuffling, patch tokens in row-major spatial order, and the same numbers on every call.
 
 :func:`extract_features` runs the encoder through :class:`_FastViT`, an inference-only forward pass over the
-``ViTModel``'s own weights that does the same arithmetic with fewer memory passes: the q/k/v projections
-write into one reused buffer, the MLP's 3072-wide activation is computed into a reused buffer with an
-in-place GELU (a fresh 39 MB tensor per layer costs a page-faulted allocation every time), the residual adds
-accumulate inside the matrix products, and with ``pooling="cls"`` the last block runs for the CLS token
-only (the other tokens' last-block outputs are never read). In bfloat16 on an x86 CPU with oneDNN bf16
-support (AMX, AVX-512 BF16) the linear layers use oneDNN with pre-packed weights and GELU and residual
-adds fused into the matrix products. ``fast=False`` runs the stock ``ViTModel`` forward; both agree within
-float rounding (ViT-B/16 fp32: max abs difference about 5e-6). Any ``ViTModel`` that is not the plain one
-(other activation, patched or hooked modules, e.g. LoRA) takes the stock forward.
+``ViTModel``'s own weights that does the same arithmetic with fewer memory passes: the q/k/v projections (one
+matrix product over their stacked weights) and the MLP's 3072-wide activation go into work buffers reused from
+batch to batch (a fresh 39 MB tensor costs a page-faulted allocation every time), GELU runs in place, the
+residual adds accumulate inside the matrix products, and with ``pooling="cls"`` the last block runs for the CLS
+token only (the other tokens' last-block outputs are never read). In bfloat16 on an x86 CPU with oneDNN bf16
+support (AMX, AVX-512 BF16) the linear layers use oneDNN with pre-packed weights and GELU and residual adds
+fused into the matrix products. ``fast=False`` runs the stock ``ViTModel`` forward; both agree within float
+rounding (ViT-B/16 fp32: max abs difference about 5e-6). Any ``ViTModel`` that is not the plain one (other
+activation, patched or hooked modules, e.g. LoRA; autocast) takes the stock forward. ``torch.compile``
+(inductor, also with freezing or max-autotune) was no faster than this on CPU and took 2 to 4.5 minutes to
+compile ViT-B on 2 cores.
 
 The private helpers here (:func:`_place`, :func:`_batches`) are shared with
 :mod:`usfmae_hf.inference.reconstruction` and :mod:`usfmae_hf.inference.feature_files`.
@@ -56,7 +58,10 @@ def _place(
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype, device or next(model.parameters()).device)
     if device is not None or dtype is not None:
-        model.to(device=device, dtype=dtype)
+        # Also when called under inference mode (extract_features): the weights stay ordinary tensors, which
+        # can be trained later and whose in-place changes the fused forward can see.
+        with torch.inference_mode(False):
+            model.to(device=device, dtype=dtype)
     return model.eval()
 
 
@@ -162,6 +167,8 @@ def fast_path_blocker(encoder: torch.nn.Module) -> str | None:
         return f"{type(encoder).__name__} is not a plain ViTModel"
     if encoder.training:
         return "the encoder is in training mode"
+    if torch.is_autocast_enabled(encoder.layernorm.weight.device.type):
+        return "autocast is on (its casts are the stock forward's)"
     if encoder.config.hidden_act != "gelu":
         return f"activation {encoder.config.hidden_act!r} is not 'gelu'"
     global_hooks = torch.nn.modules.module._global_forward_hooks, torch.nn.modules.module._global_forward_pre_hooks
@@ -178,7 +185,7 @@ def fast_path_blocker(encoder: torch.nn.Module) -> str | None:
     return None
 
 
-def _oneDNN_low_precision(device: torch.device, dtype: torch.dtype) -> bool:
+def _onednn_bf16(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether oneDNN runs ``dtype`` linear layers natively here (bf16 on AMX or AVX-512 BF16 x86 CPUs)."""
     if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
         return False
@@ -188,38 +195,59 @@ def _oneDNN_low_precision(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+_Weights = tuple[torch.Tensor, torch.Tensor | None]  # (weight, transposed or packed; bias)
+_Norm = tuple[tuple[int, ...], torch.Tensor, torch.Tensor, float]  # layer_norm's arguments after the input
+_Layer = tuple[list[_Weights], list[_Norm]]  # (qkv, o, fc1, fc2), (norm before, norm after)
+
+
 class _FastViT:
     """The encoder blocks and final LayerNorm of a plain ``ViTModel``, for inference (see the module docstring).
 
-    Holds only tensors (views of the encoder's parameters or, on the oneDNN path, packed copies), so caching one
-    per encoder in a weak dictionary does not keep the encoder alive. Work buffers are per thread.
+    Holds only tensors (views of the encoder's parameters or, on the oneDNN path, packed copies), so caching
+    one per encoder in a weak dictionary does not keep the encoder alive; it goes with the encoder, and is
+    rebuilt on the next call after the encoder's weights moved or changed (until then it holds the old ones).
+    Work buffers (about 140 MB for ViT-B at batch 32) are per thread, so threads may share an encoder.
     """
 
     def __init__(self, encoder: ViTModel):
         weight = encoder.layernorm.weight
-        self.packed = _oneDNN_low_precision(weight.device, weight.dtype)
+        self.packed = _onednn_bf16(weight.device, weight.dtype)
         # Views of the parameters this was built from: they keep those storages alive, so a changed key
         # (storage address, in-place version) reliably means the encoder's weights moved or changed.
         self.sources = [p.detach() for p in _weight_parameters(encoder)]
         self.key = _weights_key(self.sources)
         self.heads = encoder.config.num_attention_heads
-        self.layers = []
+        self.layers: list[_Layer] = []
         for layer in encoder.layers:
             attention, mlp = layer.attention, layer.mlp
-            linears = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.fc1, mlp.fc2)
+            projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+            qkv = self._weights(*self._stacked(projections))
+            weights = [
+                qkv,
+                *(self._weights(linear.weight, linear.bias) for linear in (attention.o_proj, mlp.fc1, mlp.fc2)),
+            ]
             norms = (layer.layernorm_before, layer.layernorm_after)
-            self.layers.append(([self._weights(linear) for linear in linears], [self._norm(n) for n in norms]))
+            self.layers.append((weights, [self._norm(n) for n in norms]))
         self.final_norm = self._norm(encoder.layernorm)
         self.local = threading.local()
 
-    def _weights(self, linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-        bias = None if linear.bias is None else linear.bias.detach()
+    @staticmethod
+    def _stacked(linears: Sequence[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One weight and bias for the q, k and v projections: a single wider matrix product instead of three."""
+        weight = torch.cat([linear.weight.detach() for linear in linears])
+        if all(linear.bias is None for linear in linears):
+            return weight, None
+        biases = [torch.zeros_like(lin.weight[:, 0]) if lin.bias is None else lin.bias.detach() for lin in linears]
+        return weight, torch.cat(biases)
+
+    def _weights(self, weight: torch.Tensor, bias: torch.Tensor | None) -> _Weights:
+        weight, bias = weight.detach(), None if bias is None else bias.detach()
         if self.packed:
-            return torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach()), bias
-        return linear.weight.detach().t(), bias
+            return torch.ops.mkldnn._reorder_linear_weight(weight), bias
+        return weight.t(), bias
 
     @staticmethod
-    def _norm(norm: torch.nn.LayerNorm) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor, float]:
+    def _norm(norm: torch.nn.LayerNorm) -> _Norm:
         return tuple(norm.normalized_shape), norm.weight.detach(), norm.bias.detach(), norm.eps
 
     def _buffer(self, name: str, rows: int, columns: int, like: torch.Tensor) -> torch.Tensor:
@@ -229,14 +257,16 @@ class _FastViT:
             setattr(self.local, name, flat)
         return flat[: rows * columns].view(rows, columns)
 
-    def _linear(self, x, weights, out=None, gelu=False):
+    def _linear(
+        self, x: torch.Tensor, weights: _Weights, out: torch.Tensor | None = None, gelu: bool = False
+    ) -> torch.Tensor:
         weight, bias = weights
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none")
         out = torch.mm(x, weight, out=out) if bias is None else torch.addmm(bias, x, weight, out=out)
         return torch.ops.aten.gelu_(out) if gelu else out
 
-    def _linear_add(self, x, weights, residual):
+    def _linear_add(self, x: torch.Tensor, weights: _Weights, residual: torch.Tensor) -> torch.Tensor:
         """``residual + linear(x)``; overwrites ``residual`` unless the weights are packed."""
         weight, bias = weights
         if self.packed:
@@ -244,25 +274,21 @@ class _FastViT:
         residual.addmm_(x, weight)
         return residual if bias is None else residual.add_(bias)
 
-    def _block(self, hidden: torch.Tensor, layer, batch: int, cls_only: bool) -> torch.Tensor:
-        (q, k, v, o, fc1, fc2), (norm_before, norm_after) = layer
+    def _block(self, hidden: torch.Tensor, layer: _Layer, batch: int, cls_only: bool) -> torch.Tensor:
+        (qkv, o, fc1, fc2), (norm_before, norm_after) = layer
         rows, width = hidden.shape
         tokens, heads = rows // batch, self.heads
         normed = torch.nn.functional.layer_norm(hidden, *norm_before)
-        if cls_only:  # queries, and everything after attention, for the CLS token only
+        projected = self._linear(normed, qkv, out=None if self.packed else self._buffer("qkv", rows, 3 * width, normed))
+        queries, keys, values = projected.view(batch, tokens, 3 * width).split(width, dim=-1)
+        if cls_only:  # the queries, and everything after attention, of the CLS token only
             hidden = hidden.view(batch, tokens, width)[:, 0].clone()
-            queries, query_tokens = self._linear(normed.view(batch, tokens, width)[:, 0].contiguous(), q), 1
-        else:
-            queries, query_tokens = self._linear(normed, q, out=self._buffer("q", rows, width, normed)), tokens
-        keys = self._linear(normed, k, out=None if self.packed else self._buffer("k", rows, width, normed))
-        values = self._linear(normed, v, out=None if self.packed else self._buffer("v", rows, width, normed))
+            queries = queries[:, :1]
 
-        def split(states, count):  # (batch * count, width) -> (batch, heads, count, head width)
-            return states.view(batch, count, heads, width // heads).transpose(1, 2)
+        def split(states):  # (batch, count, width) -> (batch, heads, count, head width)
+            return states.unflatten(-1, (heads, width // heads)).transpose(1, 2)
 
-        attended = torch.nn.functional.scaled_dot_product_attention(
-            split(queries, query_tokens), split(keys, tokens), split(values, tokens)
-        )
+        attended = torch.nn.functional.scaled_dot_product_attention(split(queries), split(keys), split(values))
         hidden = self._linear_add(attended.transpose(1, 2).reshape(-1, width), o, hidden)
         normed = torch.nn.functional.layer_norm(hidden, *norm_after)
         out = None if self.packed else self._buffer("mlp", len(normed), fc1[0].shape[1], normed)
@@ -285,7 +311,8 @@ def _weight_parameters(encoder: ViTModel) -> list[torch.Tensor]:
 
 
 def _weights_key(parameters: Iterable[torch.Tensor]) -> tuple[tuple[int, int], ...]:
-    return tuple((p.data_ptr(), p._version) for p in parameters)
+    # Inference tensors have no version counter (and can only change in place under inference mode).
+    return tuple((p.data_ptr(), -1 if p.is_inference() else p._version) for p in parameters)
 
 
 def _fast_vit(encoder: ViTModel) -> _FastViT:
@@ -305,6 +332,7 @@ def extract_features(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     processor: Any = None,
+    fast: bool = True,
 ) -> torch.Tensor:
     """Encode images with a USF-MAE encoder; the same inputs give the same features on every call.
 
@@ -320,6 +348,8 @@ def extract_features(
         device, dtype: move the encoder there first (default: leave it where it is); ``dtype`` may be a
             precision name such as ``"auto"`` (see :mod:`usfmae_hf.precision`).
         processor: image processor (default: the one saved beside the encoder, see :func:`processor_for`).
+        fast: run the encoder through the fused inference forward (see the module docstring; a plain
+            ``ViTModel`` only, others always take the stock forward); ``False``: the stock ``ViTModel`` forward.
 
     Returns:
         float32 CPU tensor, one row per image, in input order.
@@ -329,10 +359,14 @@ def extract_features(
     _place(encoder, device, dtype)
     processor = processor or processor_for(encoder)
     parameter = next(encoder.parameters())
+    forward = _fast_vit(encoder) if fast and fast_path_blocker(encoder) is None else None
     outputs = []
     for pixel_values in _batches(images, batch_size, processor):
         pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
-        hidden_states = encoder(pixel_values=pixel_values).last_hidden_state
+        if forward is None:
+            hidden_states = encoder(pixel_values=pixel_values).last_hidden_state
+        else:
+            hidden_states = forward(encoder.embeddings(pixel_values), cls_only=pooling == "cls")
         outputs.append(pool_tokens(hidden_states, pooling).float().cpu())
     if not outputs:
         raise ValueError("no images given")
