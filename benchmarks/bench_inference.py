@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from usfmae_hf.launch import library_progress_bars, verbose_requested
 from usfmae_hf.precision import bf16_support, cpu_features, cpu_name, describe_precision
 
 BATCH_IMAGE_SIZE = 224
@@ -410,4 +411,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with library_progress_bars(verbose_requested()):  # no "Loading weights" bars between the rows
+        main()

@@ -1,20 +1,12 @@
-"""Helpers shared by the fine-tuning tests (classification, segmentation): flags, ports, card snippets."""
+"""Helpers shared by the fine-tuning tests (classification, segmentation): flags, subprocess runs, card snippets."""
 
 from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (for torchrun's rendezvous)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_flags(model_dir: Path, data: Path, output: Path, *extra: str) -> list[str]:

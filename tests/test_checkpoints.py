@@ -210,7 +210,15 @@ def test_conversion_scripts_are_thin_entry_points(tmp_path, tiny_original_checkp
         capture_output=True,
         text=True,
     )
-    assert result.returncode == 1 and "no such file" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"usfmae convert: error: {tmp_path / 'missing.pth'}: no such file"]
+    bad_flag = subprocess.run(
+        [sys.executable, os.path.join(root, "conversion", "convert_hf_to_original.py"), "--bogus", "x", "-o", "y"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad_flag.returncode == 2 and len(bad_flag.stderr.strip().splitlines()) == 1
+    assert "unrecognized arguments: --bogus" in bad_flag.stderr and "usage:" not in bad_flag.stderr
 
 
 @pytest.mark.parametrize(

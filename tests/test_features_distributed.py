@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import runpy
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from ports import free_port
 
 from usfmae_hf.cli import main
 from usfmae_hf.commands.features import resume_command
@@ -33,12 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 FILES = 12
 # 3 divides both 12 (one process) and 6 (each of two): every batch holds the same images in both runs.
 BATCH = "3"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def read(path: Path) -> tuple[list[str], list[int], np.ndarray, dict]:

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from finetuning_helpers import free_port, run_flags, run_python, usage_snippet
+from finetuning_helpers import run_flags, run_python, usage_snippet
 from PIL import Image
+from ports import free_port
 
 from usfmae_hf.errors import UnreadableImageError, UsfmaeError
 from usfmae_hf.finetuning import UsfmaeForImageClassification, build_classifier
@@ -356,6 +357,8 @@ def test_finetune_beats_chance_with_mae_recipe_and_pushes(tiny_model_dir, speckl
         "tester/usfmae-speckle",
         "--hub_token",
         "secret",
+        "--license",
+        "cc-by-4.0",
     )
     results = run_finetuning(
         *HfArgumentParser((ModelArguments, DataArguments, TrainingArguments)).parse_args_into_dataclasses(args)
@@ -383,9 +386,9 @@ def test_finetune_beats_chance_with_mae_recipe_and_pushes(tiny_model_dir, speckl
     ):
         assert (output / name).is_file(), name
     assert (output / "test_predictions.csv").read_text().splitlines()[0].startswith("id,label,label_name,prediction")
-    card_values = {
-        (r.dataset_split, r.metric_type): r.metric_value for r in ModelCard.load(output / "README.md").data.eval_results
-    }
+    card = ModelCard.load(output / "README.md")
+    card_values = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert card.data.license == "cc-by-4.0" and "as declared by the publisher" in card.content
     assert card_values[("test", "accuracy")] == pytest.approx(results["test_accuracy"], abs=1e-4)
     # pushed once at the end: model, processor, code, card with these results; no Trainer pickle
     remote = hub_server.files("tester/usfmae-speckle")
@@ -593,6 +596,12 @@ def test_resume_of_another_width_fails_in_one_line_before_training(
 
 
 def test_max_steps_zero_and_empty_class_folders_fail_in_one_line(tiny_model_dir, speckle_data, tmp_path, capsys):
+    argv = _finetune_args(tiny_model_dir, speckle_data, tmp_path / "run", "--license", "Apache 2")
+    assert _main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "finetune_classification: error: license 'Apache 2' is not a Hub license id (lower case, e.g. mit, "
+        "apache-2.0, cc-by-4.0, cc-by-nc-4.0, other)"
+    )
     argv = _finetune_args(tiny_model_dir, speckle_data, tmp_path / "run", "--max_steps", "0")
     assert _main(argv) == 2
     assert capsys.readouterr().err.strip() == (

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from ports import free_port
 
 from usfmae_hf.pretraining import DataArguments, ModelArguments, PretrainingArguments, main
 from usfmae_hf.pretraining.modeling import (
@@ -79,12 +79,6 @@ def _losses(output: Path) -> list[float]:
 
 def _records(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------- model init, optimizer, schedule
@@ -436,7 +430,7 @@ def test_two_processes_match_one_process(reference_run, tiny_model_dir, image_di
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(SCRIPT),
         *_args(["--model_name_or_path", str(tiny_model_dir)], image_dir, double, *run),
     ]
@@ -590,7 +584,7 @@ def test_launch_that_starts_fewer_processes_than_asked_is_warned_about(config_fi
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
         str(SCRIPT),
         *args,
         "--max_steps",

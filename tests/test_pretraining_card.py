@@ -189,6 +189,27 @@ def test_from_scratch_card_claims_no_initial_weights_or_official_corpus(tiny_mae
     assert "model was pretrained from random weights by usfmae-hf" in _section(text, "Evaluation")
 
 
+def test_declared_license_is_on_the_card_and_passed_on(tiny_mae_config, images, tmp_path, capsys):
+    config_file = tmp_path / "config.json"
+    tiny_mae_config.to_json_file(config_file)
+    start, data = ["--config_name", str(config_file)], ["--train_dir", str(images)]
+    card = _final_card(start, data, tmp_path / "run", "--license", "cc-by-nc-4.0")
+    assert card.data.license == "cc-by-nc-4.0"
+    assert "as declared by the publisher of this card" in _text(card).split("**License:**")[1]
+    record = json.loads((tmp_path / "run" / "final" / "config.json").read_text())["usfmae_pretraining"]
+    assert record["license"] == "cc-by-nc-4.0"
+    downstream = render_model_card(
+        "classifier", config={"model_type": "vit", "image_size": 32}, initialised_from=tmp_path / "run" / "final"
+    )
+    assert downstream.data.license == "cc-by-nc-4.0"  # a model trained from these weights inherits it
+
+    capsys.readouterr()
+    assert main(_flags(start, data, tmp_path / "bad", "--license", "CC BY-NC")) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "'CC BY-NC' is not a Hub license id" in error[0]
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
 def test_continuing_the_official_release_on_an_ingest_build(official_dir, ingest_build, tmp_path):
     """The paper's description is that of the initial release, labelled so; the data are the build's rows used."""
     output = tmp_path / "run"

@@ -13,7 +13,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from ports import free_port
 from synthetic_segmentation import write_generic
 from test_data_adapters import write_busbra
 
@@ -61,12 +61,6 @@ def bash_commands(body: str) -> list[str]:
         for line in body.replace("\\\n", " ").splitlines()
         if line.strip() and not line.strip().startswith("#")
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def reduce(command: str) -> list[str]:

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_MAE_KWARGS
-from finetuning_helpers import free_port, run_flags, run_python, usage_snippet
+from finetuning_helpers import run_flags, run_python, usage_snippet
 from hub_server import hub_server  # noqa: F401
 from PIL import Image
+from ports import free_port
 from synthetic_segmentation import write_generic
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import runpy
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from ports import free_port
 from synthetic_segmentation import write_generic
 
 from usfmae_hf import cli
@@ -131,6 +131,8 @@ def test_debug_flag_reaches_the_training_failure_report(tmp_path, capsys, monkey
     assert quiet.startswith("pretrain_mae: error:") and "Traceback" not in quiet
     assert cli.main(["--debug", "pretrain", *argv]) == 2
     assert "Traceback (most recent call last)" in capsys.readouterr().err
+    assert DEBUG_ENVIRONMENT_VARIABLE not in os.environ  # for that run only
+    assert cli.main(["pretrain", *argv]) == 2 and "Traceback" not in capsys.readouterr().err
 
 
 def test_python_dash_m_finetuning_is_the_classification_script():
@@ -145,12 +147,6 @@ def test_python_dash_m_finetuning_is_the_classification_script():
     assert result.stdout.startswith("usage: finetune_classification") and "--head {cls,mean}" in result.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_accelerate_launch_module_on_two_processes_equals_one(tiny_model_dir, image_dir, tmp_path):
     """2 processes x batch 2 (accelerate launch -m) == 1 process x batch 2 x accumulation 2, within 1e-5."""
@@ -158,7 +154,7 @@ def test_accelerate_launch_module_on_two_processes_equals_one(tiny_model_dir, im
     flags = _flags("pretrain", tiny_model_dir, image_dir, two, batch=2)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--main_process_port", str(_free_port())]  # fmt: skip
+              "--mixed_precision", "no", "--main_process_port", str(free_port())]  # fmt: skip
     result = subprocess.run(
         [*launch, "-m", "usfmae_hf.pretraining", *flags], env=env, capture_output=True, text=True, timeout=600
     )

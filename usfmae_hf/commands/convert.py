@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 from usfmae_hf.commands import open_unit_fraction
-from usfmae_hf.publishing.cards import OFFICIAL_LICENSE, OFFICIAL_RELEASES, UNKNOWN_LICENSE
+from usfmae_hf.errors import UsfmaeError
+from usfmae_hf.publishing.cards import (
+    LICENSE_EXAMPLES,
+    OFFICIAL_LICENSE,
+    OFFICIAL_RELEASES,
+    UNKNOWN_LICENSE,
+    check_license_id,
+)
 
 # usfmae_hf.model.conversion.STORAGE_DTYPES, spelled out: importing that module (torch, transformers)
 # would slow every command's start.
@@ -15,12 +21,11 @@ STORAGE_DTYPES = ("keep", "fp32", "fp16", "bf16")
 
 
 def license_id(value: str) -> str:
-    """``--license``: a Hub license id (lower-case letters, digits, ``.``, ``+``, ``-``)."""
-    if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", value):
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is not a Hub license id (lower case, e.g. mit, apache-2.0, cc-by-4.0, other)"
-        )
-    return value
+    """``--license``: a Hub license id (see :func:`~usfmae_hf.publishing.cards.check_license_id`)."""
+    try:
+        return check_license_id(value)
+    except UsfmaeError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -78,7 +83,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "--license",
         type=license_id,
         default=None,
-        help=f"Hub license id of the weights, e.g. mit, apache-2.0, cc-by-4.0 (default: {OFFICIAL_LICENSE} with "
+        help=f"Hub license id of the weights, e.g. {LICENSE_EXAMPLES} (default: {OFFICIAL_LICENSE} with "
         f"--source, else '{UNKNOWN_LICENSE}')",
     )
     parser.add_argument(

@@ -31,11 +31,20 @@ def register_forwarding(subparsers: argparse._SubParsersAction, name: str, entry
 
 def _forward(entry_point: str, args: argparse.Namespace) -> int:
     module_name, _, function_name = entry_point.partition(":")
-    if args.debug:
-        # the training mains report their own failures; they read --debug from the environment
-        os.environ[DEBUG_ENVIRONMENT_VARIABLE] = "1"
     main = getattr(importlib.import_module(module_name), function_name)
-    return main(args.argv)
+    if not args.debug:
+        return main(args.argv)
+    # The training mains report their own failures and read --debug from the environment: set it for this
+    # run only (a later in-process call, e.g. from a notebook, is not left printing tracebacks).
+    previous = os.environ.get(DEBUG_ENVIRONMENT_VARIABLE)
+    os.environ[DEBUG_ENVIRONMENT_VARIABLE] = "1"
+    try:
+        return main(args.argv)
+    finally:
+        if previous is None:
+            del os.environ[DEBUG_ENVIRONMENT_VARIABLE]
+        else:
+            os.environ[DEBUG_ENVIRONMENT_VARIABLE] = previous
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+from usfmae_hf.publishing.cards import LICENSE_EXAMPLES
+
 RECIPES: tuple[str, ...] = ("none", "mae")
 
 T = TypeVar("T")
@@ -67,6 +69,10 @@ class CommonModelArguments:
     blr: float | None = option("Base learning rate: learning_rate = blr * effective batch / 256 (overrides it).")
     layer_decay: float | None = option("Layer-wise lr decay of the encoder (1 = off).")
     class_weighted_loss: bool = option("Weight the loss by n / (n_classes * class count) of the training split.", False)
+    license: str | None = option(
+        f"Hub license id of the fine-tuned weights for the model card, e.g. {LICENSE_EXAMPLES} (default: the license "
+        "recorded for the initial weights, else 'unknown')."
+    )
 
 
 @dataclass

@@ -23,6 +23,7 @@ from usfmae_hf.finetuning.outputs import dataset_label, push_output, write_card,
 from usfmae_hf.finetuning.parameter_efficient import PeftArguments, export_merged_model, prepare_model
 from usfmae_hf.finetuning.recipe import UsfmaeTrainer, balanced_class_weights
 from usfmae_hf.finetuning.summary import StartSummary, print_end_summary
+from usfmae_hf.publishing.cards import check_license_id
 
 Reports = dict[str, dict[str, Any]]
 
@@ -110,6 +111,8 @@ def run_task(task: FineTuningTask, peft_args: PeftArguments | None = None) -> di
     args, data_args = task.training_args, task.data_args
     set_seed(args.seed)
     check_training_arguments(args)
+    if task.model_args.license is not None:
+        check_license_id(task.model_args.license)
     peft_args = peft_args or PeftArguments()
     recipe = {**task.resolve_recipe(task.model_args, args), **peft_args.options()}
     data_args.check_sources()
@@ -165,6 +168,7 @@ def run_task(task: FineTuningTask, peft_args: PeftArguments | None = None) -> di
             task.card_kind,
             trainer.model,
             model_name_or_path=task.model_args.model_name_or_path,
+            license=task.model_args.license,
             recipe=recipe,
             results=task.card_results(reports, label),
             training_args=args,

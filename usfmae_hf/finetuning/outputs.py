@@ -27,6 +27,7 @@ def write_card(
     model,
     *,
     model_name_or_path: str,
+    license: str | None = None,  # noqa: A002 - the Hub metadata field's name
     recipe: Mapping[str, Any],
     results: Sequence[Mapping[str, Any]],
     training_args: TrainingArguments,
@@ -54,6 +55,7 @@ def write_card(
         kind,
         config=model.config,
         initialised_from=model_name_or_path,
+        license=license,
         results=results,
         repo_id=training_args.hub_model_id,
         extra={"training": hyperparameters, "evaluation_notes": card_notes(evaluation_notes, warnings)},

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from usfmae_hf.errors import UsfmaeError
+from usfmae_hf.publishing.cards import LICENSE_EXAMPLES, check_license_id
 
 # The two published recipes. USF-MAE (its USF-MAE_pretraining.ipynb): AdamW with torch's default betas and
 # weight decay on every parameter, lr = blr x 128 / 256, 10% warmup (whole iterations, rounded down), cosine to
@@ -82,6 +83,13 @@ class ModelArguments:
     norm_pix_loss: bool | None = field(
         default=None,
         metadata={"help": "Loss on per-patch normalised pixels (recipe: usfmae false, mae true); saved in the config."},
+    )
+    license: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Hub license id of the trained weights for the model card, e.g. {LICENSE_EXAMPLES} (default: "
+            "the license recorded for the initial weights, else 'unknown')."
+        },
     )
 
 
@@ -257,6 +265,8 @@ def validate_arguments(
         raise UsfmaeError("give exactly one of --dataset_dir, --train_dir or --dataset_name")
     if (model_args.model_name_or_path is None) == (model_args.config_name is None):
         raise UsfmaeError("give exactly one of --model_name_or_path (continue) or --config_name (from scratch)")
+    if model_args.license is not None:
+        check_license_id(model_args.license)
     if data_args.streaming and training_args.max_steps is None:
         raise UsfmaeError("--streaming needs --max_steps (a stream has no length)")
     if data_args.streaming and data_args.train_dir:

@@ -71,6 +71,7 @@ class Pretrainer:
 
         from_recipe = "mixed_precision" in apply_recipe(model_args, args)
         self.data_args, self.args = data_args, args
+        self.card_license = model_args.license
         self.output_dir = Path(args.output_dir)
         self.accelerator, self.precision = build_accelerator(args, from_recipe)
         accelerator = self.accelerator
@@ -382,6 +383,7 @@ class Pretrainer:
             "initialised_from": self.provenance.initialised_from,
             "training_run": self.provenance.training_run(state, epochs),
             "datasets": self.provenance.hub_datasets() or None,
+            "license": self.card_license,
             "extra": {"training": table},
         }
 

@@ -84,6 +84,8 @@ OFFICIAL_RELEASES: dict[str, dict[str, Any]] = {
 OFFICIAL_LICENSE = "mit"
 # The Hub's license id for "not known".
 UNKNOWN_LICENSE = "unknown"
+# Hub license ids, for the help and errors of the --license flags.
+LICENSE_EXAMPLES = "mit, apache-2.0, cc-by-4.0, cc-by-nc-4.0, other"
 # Config attribute in which ``usfmae convert`` records where the weights came from.
 PROVENANCE_KEY = "usfmae_provenance"
 # Config attribute in which a usfmae-hf pretraining run records what it did (its ``training_run`` and initial
@@ -204,6 +206,13 @@ def _initial_weights(
     if isinstance(initialised_from, Mapping):
         return {"weights_sha256": None, "provenance": {}, **initialised_from}
     return describe_initial_weights(initialised_from)
+
+
+def check_license_id(value: str) -> str:
+    """``value`` if it is a Hub license id (lower-case letters, digits, ``.``, ``+``, ``-``); else UsfmaeError."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", value):
+        raise UsfmaeError(f"license {value!r} is not a Hub license id (lower case, e.g. {LICENSE_EXAMPLES})")
+    return value
 
 
 def _license(explicit: str | None, provenance: Mapping[str, Any], init: Mapping[str, Any] | None) -> tuple[str, str]:
