@@ -1,8 +1,11 @@
 """Inference and reader throughput, as ratios measured in one run (machines are noisy).
 
 Every section times its contenders in turn, round after round (so that the load of other processes falls
-on all of them alike), and reports medians and ratios from the same rounds. Weights are random
-(throughput does not depend on them); ViT-B/16 at 224, batch 16, on ``--device`` (default CPU).
+on all of them alike), and reports median images/s and, against the reference, the median of the per-round
+ratios with their interquartile range: a ratio is taken within one round, so that the machine's speed
+drifting between rounds (seen here: 15% within a run) cancels out, and the range says how noisy it was.
+Weights are random (throughput does not depend on them); ViT-B/16 at 224, batch 16, on ``--device``
+(default CPU).
 
 fp32 (section ``fp32``): ``extract_features`` (fused forward, see :mod:`usfmae_hf.inference.features`) with
 CLS pooling (its last block runs for the CLS token only), with patch tokens (the whole forward), from PIL
@@ -172,7 +175,9 @@ class Report:
         for name, rate in rates.items():
             flops = vit_forward_flops(cls_only="CLS" in name)
             shares = "  ".join(f"{rate * flops / peak:6.1%} of {label}" for label, peak in self.peaks.items())
-            print(f"  {name:58s} {rate:7.2f} img/s  {rate / rates[reference]:5.2f}x {reference_label}  {shares}")
+            ratios = [ref / own for ref, own in zip(seconds[reference], seconds[name], strict=True)]
+            low, middle, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+            print(f"  {name:58s} {rate:7.2f} img/s  {middle:5.2f}x {reference_label} [{low:.2f}-{high:.2f}]  {shares}")
         return rates
 
 
