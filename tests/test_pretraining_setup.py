@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from usfmae_hf.errors import CheckpointError, OutputExistsError, UsfmaeError
-from usfmae_hf.pretraining.checkpointing import check_resumable, prepare_output_dir
+from usfmae_hf.pretraining.checkpointing import TrainState, batches_to_skip, check_resumable, prepare_output_dir
+from usfmae_hf.pretraining.data import MIN_SAMPLES_FOR_BAD_CHECK, check_bad_fraction
 from usfmae_hf.pretraining.environment import check_process_count, resolve_precision
 from usfmae_hf.pretraining.modeling import Plan, build_lr_scheduler, build_optimizer
 from usfmae_hf.pretraining.reporting import StepLog, StepStats
@@ -290,3 +291,25 @@ def test_a_mismatch_is_one_line_naming_it(tmp_path, section, change, named):
         check_resumable(checkpoint, current)
     message = str(raised.value)
     assert "\n" not in message and named in message and str(checkpoint / "model") in message
+
+
+@pytest.mark.parametrize("per_device,processes,skip", [(4, 2, 3), (8, 1, 3), (2, 4, 3), (1, 8, 3)])
+def test_resume_skips_the_epoch_s_consumed_batches_at_any_process_count(per_device, processes, skip):
+    # 24 samples into the epoch at a global micro-batch of 8, however it is split across processes.
+    assert batches_to_skip(TrainState(samples_in_epoch=24), per_device, processes) == skip
+
+
+def test_resume_with_another_global_batch_is_refused_in_one_line():
+    with pytest.raises(UsfmaeError, match="24 samples into the epoch is not a multiple of the global micro-batch 16"):
+        batches_to_skip(TrainState(samples_in_epoch=24), 8, 2)
+
+
+def test_bad_image_rate_waits_for_enough_samples_until_the_end():
+    few = MIN_SAMPLES_FOR_BAD_CHECK // 4
+    check_bad_fraction(few, few, 0.1, final=False)  # half unreadable, but too few samples to judge yet
+    with pytest.raises(UsfmaeError, match=rf"{few} of {2 * few} samples could not be decoded \(50.0% > "):
+        check_bad_fraction(few, few, 0.1, final=True)
+    with pytest.raises(UsfmaeError, match="--max_bad_fraction 10.0%"):
+        check_bad_fraction(MIN_SAMPLES_FOR_BAD_CHECK, MIN_SAMPLES_FOR_BAD_CHECK, 0.1, final=False)
+    check_bad_fraction(9 * MIN_SAMPLES_FOR_BAD_CHECK, MIN_SAMPLES_FOR_BAD_CHECK, 0.1, final=True)  # exactly 10%
+    check_bad_fraction(0, 0, 0.0, final=True)  # nothing read: nothing to judge

@@ -1,5 +1,11 @@
 """Every command and snippet of README.md runs, in README order, at reduced size.
 
+One test per README section (a ``##`` heading), so that the sections run in parallel and a failure names
+its section. A section's commands may read what an earlier section's commands wrote: the conversion's
+model folders (every section) and, for pretraining, the ingested OpenUS-46 build. Those earlier commands
+run first, in this process (each section still runs its own commands as the README gives them, in
+subprocesses).
+
 The workspace holds what the README names: a tiny checkpoint in USF-MAE's layout called
 ``USF-MAE_100ep.pth`` (widths with standard head presets, so no head flags are needed), real ultrasound
 scans from ``pydicom-data`` as ``scan.dcm``/``scan.png``/``scans/``, an ``OpenUS-46/`` folder and a
@@ -28,6 +34,30 @@ from test_data_adapters import write_busbra
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
+SECTION = re.compile(r"^## (.+)$", re.M)
+
+CONVERSION = "Convert the released checkpoints"
+# Sections whose commands read what another section (besides the conversion) writes.
+NEEDS: dict[str, tuple[str, ...]] = {"Pretrain": ("Ingest OpenUS-46",)}
+# What each section leaves in the workspace; checked after its commands ran.
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    CONVERSION: (
+        "usf-mae-vit-base/model.safetensors",
+        "usf-mae-vit-base-encoder/model.safetensors",
+        "usf-mae-roundtrip.pth",
+    ),
+    "Features and reconstructions": (
+        "scan-reconstruction.png",
+        "features.parquet",
+        "reconstruction.png",
+        "attention.png",
+        "features-multi.parquet",
+    ),
+    "Ingest OpenUS-46": ("openus46-build",),
+    "Pretrain": ("runs/pretrain/final/config.json", "runs/pretrain-nodes/final/config.json"),
+    "Fine-tune and evaluate": ("runs/busbra-f1/all_results.json", "runs/busbra-probe"),
+    "Segment": ("runs/lesions-seg/test_per_image_metrics.csv", "masks/scan_mask.png"),
+}
 
 # Tiny but preset-compatible: width 192 -> 3 heads, decoder width 64 -> 16 heads.
 README_MAE = dict(
@@ -51,8 +81,26 @@ REDUCED_SIZE = [
 ]
 
 
-def readme_blocks() -> list[tuple[str, str]]:
-    return [(lang, body) for lang, body in FENCE.findall(README.read_text())]
+def readme_blocks(text: str | None = None) -> list[tuple[str, str]]:
+    return [(lang, body) for lang, body in FENCE.findall(README.read_text() if text is None else text)]
+
+
+def readme_sections() -> dict[str, list[tuple[str, str]]]:
+    """README section title -> its code blocks, for the sections with a command or snippet to run."""
+    parts = SECTION.split(README.read_text())  # [preamble, title, body, title, body, ...]
+    sections = {title.strip(): readme_blocks(body) for title, body in zip(parts[1::2], parts[2::2], strict=True)}
+    return {title: blocks for title, blocks in sections.items() if any(runnable(block) for block in blocks)}
+
+
+def runnable(block: tuple[str, str]) -> list[str]:
+    """What of a README block the test runs: a Python snippet whole, a bash block's commands one by one
+    (without the newcomer ``pip install`` commands, which .ci/run and test_quickstart.py run)."""
+    lang, body = block
+    if lang == "python":
+        return [body]
+    if lang == "bash":
+        return [command for command in bash_commands(body) if not command.startswith("pip install")]
+    return []
 
 
 def bash_commands(body: str) -> list[str]:
@@ -140,8 +188,37 @@ def test_readme_newcomer_test_command_is_what_ci_runs():
     )  # run by test_quickstart.py
 
 
+def test_readme_sections_are_the_ones_this_test_knows():
+    sections = readme_sections()
+    assert list(sections)[0] == CONVERSION  # what every other section reads comes first
+    assert set(OUTPUTS) | set(NEEDS) | {need for needs in NEEDS.values() for need in needs} <= set(sections)
+    every_block = [block for block in readme_blocks() if runnable(block)]
+    assert [block for blocks in sections.values() for block in blocks if runnable(block)] == every_block
+    assert sum(len(runnable(block)) for block in every_block) >= 18
+
+
+def _prepare(section: str, workspace: Path) -> None:
+    """Run, in this process, the bash commands of the sections whose outputs ``section`` reads."""
+    from usfmae_hf.cli import main
+
+    sections = readme_sections()
+    needs = () if section == CONVERSION else (CONVERSION, *NEEDS.get(section, ()))
+    for need in needs:
+        for lang, body in sections[need]:
+            if lang != "bash":
+                continue
+            for command in runnable((lang, body)):
+                argv = shlex.split(command)
+                assert argv[0] == "usfmae", f"a prerequisite must be a usfmae command: {command}"
+                assert main(argv[1:]) == 0, f"prerequisite of {section!r} failed: {command}"
+    assert all((workspace / path).exists() for need in needs for path in OUTPUTS.get(need, ()))
+
+
 @pytest.mark.slow
-def test_every_readme_command_and_snippet_runs(workspace, hub_server):
+@pytest.mark.parametrize("section", list(readme_sections()))
+def test_readme_section_runs(section, workspace, hub_server, monkeypatch):
+    monkeypatch.chdir(workspace)
+    _prepare(section, workspace)
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "0",  # the push goes to the local server below, nowhere else
@@ -151,32 +228,22 @@ def test_every_readme_command_and_snippet_runs(workspace, hub_server):
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(ROOT),
     }
-    ran = []
-    for lang, body in readme_blocks():
-        if lang == "python":
-            result = subprocess.run(
-                [sys.executable, "-c", body], cwd=workspace, env=env, capture_output=True, text=True, timeout=600
-            )
-            ran.append(body.splitlines()[0])
-            assert result.returncode == 0, f"README snippet failed:\n{body}\n{result.stderr[-3000:]}"
-            continue
-        if lang != "bash":
-            continue
-        for command in bash_commands(body):
-            if command.startswith("pip install"):
-                continue  # the newcomer commands: .ci/run and test_quickstart.py run them
+    for lang, body in readme_sections()[section]:
+        for command in runnable((lang, body)):
+            if lang == "python":
+                result = subprocess.run(
+                    [sys.executable, "-c", command], cwd=workspace, env=env, capture_output=True, text=True, timeout=600
+                )
+                assert result.returncode == 0, f"README snippet failed:\n{command}\n{result.stderr[-3000:]}"
+                continue
             result = subprocess.run(
                 reduce(command), cwd=workspace, env=env, capture_output=True, text=True, timeout=900
             )
-            ran.append(command)
             assert result.returncode == 0, (
                 f"README command failed: {command}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
             )
-    assert len(ran) >= 18
-    assert (workspace / "usf-mae-vit-base" / "model.safetensors").is_file()
-    assert (workspace / "runs" / "pretrain-nodes" / "final" / "config.json").is_file()
-    assert (workspace / "runs" / "busbra-f1" / "all_results.json").is_file()
-    assert (workspace / "runs" / "lesions-seg" / "test_per_image_metrics.csv").is_file()
-    assert (workspace / "masks" / "scan_mask.png").is_file()
-    pushed = hub_server.files("your-org/usf-mae-vit-base")
-    assert pushed["model.safetensors"] == (workspace / "usf-mae-vit-base" / "model.safetensors").read_bytes()
+    missing = [path for path in OUTPUTS.get(section, ()) if not (workspace / path).exists()]
+    assert not missing, f"README section {section!r} did not write {missing}"
+    if section == "Publish":
+        pushed = hub_server.files("your-org/usf-mae-vit-base")
+        assert pushed["model.safetensors"] == (workspace / "usf-mae-vit-base" / "model.safetensors").read_bytes()

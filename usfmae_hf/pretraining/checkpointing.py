@@ -55,6 +55,23 @@ class TrainState:
             raise CheckpointError(f"{directory}: not a training checkpoint ({error})") from None
 
 
+def batches_to_skip(state: TrainState, per_device_batch: int, num_processes: int) -> int:
+    """Per-process micro-batches of the current epoch that ``state`` has consumed; a resumed run skips them.
+
+    Any process count works as long as the global micro-batch is the same as the saved run's.
+
+    Raises:
+        UsfmaeError: the samples consumed are not a whole number of global micro-batches.
+    """
+    global_batch = per_device_batch * num_processes
+    if state.samples_in_epoch % global_batch:
+        raise UsfmaeError(
+            f"cannot resume: {state.samples_in_epoch} samples into the epoch is not a multiple of the global "
+            f"micro-batch {global_batch}; resume with the same global batch size"
+        )
+    return state.samples_in_epoch // global_batch
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     if not output_dir.is_dir():

@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 # A run of this many unreadable samples in a row means the data, not a file, is broken.
 MAX_CONSECUTIVE_BAD = 100
+# Fewer samples than this say little about the bad-image rate; the check waits (except at the end).
+MIN_SAMPLES_FOR_BAD_CHECK = 1000
 
 
 def sample_generator(*key: int) -> torch.Generator:
@@ -216,6 +218,22 @@ def first_images(source: Any, column: str | None, count: int) -> list[Any]:
         except Exception:  # unreadable images are simply not shown
             continue
     return images
+
+
+def check_bad_fraction(images: int, bad_images: int, max_fraction: float, *, final: bool) -> None:
+    """Fail once more than ``max_fraction`` of the samples read (``images`` decoded, ``bad_images`` not) were
+    unreadable. Before the end of training (``final=False``) the check waits for
+    :data:`MIN_SAMPLES_FOR_BAD_CHECK` samples, since fewer say little about the rate.
+
+    Raises:
+        UsfmaeError: too many unreadable samples.
+    """
+    read = images + bad_images
+    if read and (final or read >= MIN_SAMPLES_FOR_BAD_CHECK) and bad_images > max_fraction * read:
+        raise UsfmaeError(
+            f"{bad_images} of {read} samples could not be decoded "
+            f"({bad_images / read:.1%} > --max_bad_fraction {max_fraction:.1%})"
+        )
 
 
 def default_num_workers(device: torch.device, cpus: int | None = None) -> int:

@@ -28,6 +28,7 @@ from usfmae_hf.pretraining.arguments import (
 )
 from usfmae_hf.pretraining.checkpointing import (
     TrainState,
+    batches_to_skip,
     check_resumable,
     current_settings,
     prepare_output_dir,
@@ -37,7 +38,7 @@ from usfmae_hf.pretraining.checkpointing import (
     saved_settings,
     staging_dir,
 )
-from usfmae_hf.pretraining.data import build_training_data, default_num_workers
+from usfmae_hf.pretraining.data import build_training_data, check_bad_fraction, default_num_workers
 from usfmae_hf.pretraining.environment import build_accelerator, check_process_count, describe
 from usfmae_hf.pretraining.export import export_hf_model
 from usfmae_hf.pretraining.modeling import (
@@ -52,9 +53,6 @@ from usfmae_hf.pretraining.provenance import SETTINGS_KEY as PROVENANCE_SETTING
 from usfmae_hf.pretraining.provenance import RunProvenance
 from usfmae_hf.pretraining.reporting import StepLog, StepStats, plot_curves, tracker_config
 from usfmae_hf.pretraining.summary import end_lines, lr_plan_warnings, start_lines, training_table
-
-# Fewer samples than this say little about the bad-image rate; the check waits (except at the end).
-MIN_SAMPLES_FOR_BAD_CHECK = 1000
 
 
 def run_pretraining(model_args: ModelArguments, data_args: DataArguments, args: PretrainingArguments) -> Path:
@@ -243,7 +241,7 @@ class Pretrainer:
                 state.samples_in_epoch = 0
         self._flush()
         self.progress.close()
-        _check_bad_fraction(state, self.data_args.max_bad_fraction, final=True)
+        check_bad_fraction(state.images_seen, state.bad_images_seen, self.data_args.max_bad_fraction, final=True)
         self.reconstruct()
         final = self.output_dir / "final"
         self.save_model(final)
@@ -261,7 +259,7 @@ class Pretrainer:
         self.dataset.set_epoch(state.epoch)
         if hasattr(self.dataloader, "set_epoch"):
             self.dataloader.set_epoch(state.epoch)
-        skip = _batches_to_skip(state, args.per_device_train_batch_size, accelerator.num_processes)
+        skip = batches_to_skip(state, args.per_device_train_batch_size, accelerator.num_processes)
         loader = accelerator.skip_first_batches(self.dataloader, skip) if skip else self.dataloader
         batches = 0
         for batches, batch in enumerate(loader, start=1):  # noqa: B007 (the count is read after the loop)
@@ -316,7 +314,9 @@ class Pretrainer:
                 f"step {step}: loss {record['loss']:.4f} lr {record['lr']:.3g} {record['images_per_sec']:.1f} img/s, "
                 f"unreadable images so far {self.state.bad_images_seen}"
             )
-            _check_bad_fraction(self.state, self.data_args.max_bad_fraction, final=False)
+            check_bad_fraction(
+                self.state.images_seen, self.state.bad_images_seen, self.data_args.max_bad_fraction, final=False
+            )
         if save_now:
             self.checkpoint()
         if preview_now:
@@ -386,24 +386,3 @@ class Pretrainer:
             "license": self.card_license,
             "extra": {"training": table},
         }
-
-
-def _batches_to_skip(state: TrainState, per_device_batch: int, num_processes: int) -> int:
-    """Per-process micro-batches of the current epoch already consumed (any process count, same global batch)."""
-    global_batch = per_device_batch * num_processes
-    if state.samples_in_epoch % global_batch:
-        raise UsfmaeError(
-            f"cannot resume: {state.samples_in_epoch} samples into the epoch is not a multiple of the global "
-            f"micro-batch {global_batch}; resume with the same global batch size"
-        )
-    return state.samples_in_epoch // global_batch
-
-
-def _check_bad_fraction(state: TrainState, max_fraction: float, *, final: bool) -> None:
-    """Fail once more than ``max_fraction`` of the samples read were unreadable."""
-    read = state.images_seen + state.bad_images_seen
-    if read and (final or read >= MIN_SAMPLES_FOR_BAD_CHECK) and state.bad_images_seen > max_fraction * read:
-        raise UsfmaeError(
-            f"{state.bad_images_seen} of {read} samples could not be decoded "
-            f"({state.bad_images_seen / read:.1%} > --max_bad_fraction {max_fraction:.1%})"
-        )
