@@ -9,10 +9,11 @@ Weights are random (throughput does not depend on them); ViT-B/16 at 224, batch 
 
 fp32 (section ``fp32``): ``extract_features`` (fused forward, see :mod:`usfmae_hf.inference.features`) with
 CLS pooling (its last block runs for the CLS token only), with patch tokens (the whole forward), from PIL
-images incl. preprocessing, and with ``fast=False`` (the stock ``ViTModel`` forward), against timm's
-``forward_features`` and the stock ``ViTMAEModel`` (all 196 patches kept), in images/s, as a ratio to timm,
-as a share of the fp32 matmul peak measured here and, with ``--peak-tflops``, as MFU. Also the agreement of
-the fused and the stock forward. Target: >= 1.15x timm.
+images incl. preprocessing, with the fp32 linear backend this CPU does not choose (oneDNN or ``torch.mm``,
+see ``linear_backend``: the choice, measured where it runs), and with ``fast=False`` (the stock ``ViTModel``
+forward), against timm's ``forward_features`` and the stock ``ViTMAEModel`` (all 196 patches kept), in
+images/s, as a ratio to timm, as a share of the fp32 matmul peak measured here and, with ``--peak-tflops``,
+as MFU. Also the agreement of the fused and the stock forward. Target: >= 1.15x timm.
 
 Precision (section ``precision``; ``--dtype auto`` of the inference commands): the capability detected
 (:mod:`usfmae_hf.precision`); for ViT-B/16 the bf16 paths (bf16 weights: fused and stock forward; fp32
@@ -39,6 +40,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,11 +102,16 @@ PEAK_SHAPES = ((2048, 2048, 2048), (4096, 4096, 4096), (16 * 197, 768, 3072), (1
 
 
 def matmul_peak(iterations: int, device: torch.device) -> float:
-    """The best fp32 ``torch.mm`` FLOP/s over :data:`PEAK_SHAPES` on ``device``."""
+    """The best fp32 matrix-product FLOP/s over :data:`PEAK_SHAPES` on ``device``: ``torch.mm`` and, on a CPU
+    with oneDNN, oneDNN's linear on pre-packed weights (the fused forward's fp32 path on some CPUs)."""
     rates = []
     for m, k, n in PEAK_SHAPES:
         a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
-        rates.append(2.0 * m * k * n / best_seconds(lambda a=a, b=b: torch.mm(a, b), iterations, device))
+        products = [lambda a=a, b=b: torch.mm(a, b)]
+        if device.type == "cpu" and torch.backends.mkldnn.is_available():
+            packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous())
+            products.append(lambda a=a, w=packed: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "none"))
+        rates += [2.0 * m * k * n / best_seconds(product, iterations, device) for product in products]
     return max(rates)
 
 
@@ -196,10 +203,26 @@ def race_timm(
     report.rows(seconds, reference, "timm fp32")
 
 
+def other_linear_backend(encoder: torch.nn.Module, pixel_values: torch.Tensor) -> tuple[str, Any] | None:
+    """The name of the fp32 linear backend this CPU does not choose (oneDNN or ``torch.mm``), and ``encoder``
+    with its fused forward built on it; ``None`` off the CPU or without oneDNN."""
+    from usfmae_hf.inference import features
+
+    if pixel_values.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    chosen = features._onednn_linear
+    features._onednn_linear = lambda device, dtype: not chosen(device, dtype)
+    try:  # the first call builds and caches the encoder's fused forward; later calls reuse it as it was built
+        features.extract_features(encoder, pixel_values)
+    finally:
+        features._onednn_linear = chosen
+    return ("torch.mm" if chosen(pixel_values.device, torch.float32) else "oneDNN"), encoder
+
+
 def bench_fp32(batch: int, iterations: int, device: torch.device, report: Report) -> None:
     from transformers import ViTMAEForPreTraining
 
-    from usfmae_hf.inference.features import extract_features, fast_path_blocker, load_encoder
+    from usfmae_hf.inference.features import extract_features, fast_path_blocker, linear_backend, load_encoder
 
     torch.manual_seed(0)
     pixel_values = torch.randn(batch, 3, BATCH_IMAGE_SIZE, BATCH_IMAGE_SIZE, device=device)
@@ -209,11 +232,12 @@ def bench_fp32(batch: int, iterations: int, device: torch.device, report: Report
         random_model_directory(directory)
         encoder = load_encoder(directory, device=device)
         stock = ViTMAEForPreTraining.from_pretrained(directory).vit.eval().to(device)  # stock ViTMAEModel
+        other = other_linear_backend(load_encoder(directory, device=device), pixel_values[:1])
     noise = torch.arange(196, dtype=torch.float32, device=device).expand(batch, -1)
-    print(f"  fused forward: {fast_path_blocker(encoder) or 'used'}")
+    print(f"  fused forward: {fast_path_blocker(encoder) or 'used'}; linear layers: {linear_backend(encoder)}")
 
-    def features(source, pooling="cls", fast=True):
-        return lambda: extract_features(encoder, source, pooling, batch_size=batch, fast=fast)
+    def features(source, pooling="cls", fast=True, model=encoder):
+        return lambda: extract_features(model, source, pooling, batch_size=batch, fast=fast)
 
     @torch.inference_mode()
     def run_stock():
@@ -226,6 +250,10 @@ def bench_fp32(batch: int, iterations: int, device: torch.device, report: Report
         "extract_features, patch tokens, fast=False (stock forward)": features(pixel_values, "patches", False),
         "stock ViTMAEModel (mask_ratio 0)": run_stock,
     }
+    if other is not None:  # the fp32 linear backend not chosen here, so that the choice is measured on this CPU
+        contenders[f"extract_features, patch tokens, linear layers on {other[0]} (not chosen here)"] = features(
+            pixel_values, "patches", model=other[1]
+        )
     race_timm(contenders, pixel_values, iterations, report)
     frames = ultrasound_frames(batch)
     for label, source in (("random pixel_values", pixel_values), (f"{batch} ultrasound frames", frames)):
@@ -393,7 +421,7 @@ def main() -> None:
     if {"fp32", "precision", "compile"} & set(args.sections):
         peaks["fp32 matmul peak"] = matmul_peak(max(args.iterations, 10), device)
         print(
-            f"fp32 matmul peak (best of square and ViT-B MLP GEMMs) on {device}: "
+            f"fp32 matmul peak (best of torch.mm and oneDNN, square and ViT-B MLP GEMMs) on {device}: "
             f"{peaks['fp32 matmul peak'] / 1e9:.1f} GFLOP/s; ViT-B/16 forward: {flops / 1e9:.1f} GFLOP/image"
         )
     if args.peak_tflops:

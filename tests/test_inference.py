@@ -139,8 +139,41 @@ def test_fused_forward_equals_the_stock_forward(tiny_model_dir, images, dtype):
         fused = extract_features(encoder, images, pooling, batch_size=2)
         stock = extract_features(encoder, images, pooling, batch_size=2, fast=False)
         torch.testing.assert_close(fused, stock, rtol=tolerance, atol=tolerance)
-    on_onednn = features_module._onednn_bf16(torch.device("cpu"), torch.bfloat16)
-    assert features_module._fast_vit(encoder).packed == (dtype == "bf16" and on_onednn)
+    on_onednn = features_module._onednn_linear(torch.device("cpu"), encoder.dtype)
+    assert features_module._fast_vit(encoder).packed == on_onednn
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not in this torch build")
+@pytest.mark.parametrize("onednn", [False, True])
+def test_both_fp32_linear_paths_equal_the_stock_forward(tiny_model_dir, images, monkeypatch, onednn):
+    # Whichever this CPU takes (oneDNN on AMD with AVX-512, MKL elsewhere), both are checked here.
+    monkeypatch.setattr(features_module, "_onednn_linear", lambda device, dtype: onednn)
+    encoder = load_encoder(tiny_model_dir)
+    assert features_module._fast_vit(encoder).packed == onednn
+    assert features_module.linear_backend(encoder) == ("oneDNN, pre-packed weights" if onednn else "torch.mm")
+    for pooling in ("cls", "patches"):
+        fused = extract_features(encoder, images, pooling, batch_size=2)
+        stock = extract_features(encoder, images, pooling, batch_size=2, fast=False)
+        torch.testing.assert_close(fused, stock, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "vendor, flags, fp32_on_onednn",
+    [
+        ("AuthenticAMD", "avx2 avx512f avx512_bf16", True),  # measured faster than MKL there
+        ("AuthenticAMD", "avx2", False),
+        ("GenuineIntel", "avx2 avx512f avx512_bf16 amx_tile", False),
+    ],
+)
+def test_fp32_takes_onednn_only_on_amd_with_avx512(tmp_path, monkeypatch, vendor, flags, fp32_on_onednn):
+    from usfmae_hf import precision
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(precision, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    assert features_module._onednn_linear(torch.device("cpu"), torch.float32) == fp32_on_onednn
+    assert not features_module._onednn_linear(torch.device("meta"), torch.float32)
 
 
 def test_bf16_without_onednn_takes_the_plain_ops(tiny_model_dir, pixel_values, monkeypatch):
@@ -151,7 +184,7 @@ def test_bf16_without_onednn_takes_the_plain_ops(tiny_model_dir, pixel_values, m
         raise RuntimeError("no oneDNN bf16 in this build")
 
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", unsupported)
-    assert not features_module._onednn_bf16(torch.device("cpu"), torch.bfloat16)
+    assert not features_module._onednn_linear(torch.device("cpu"), torch.bfloat16)
     features_module._FAST.clear()
     assert not features_module._fast_vit(encoder).packed
     torch.testing.assert_close(extract_features(encoder, pixel_values, "patches"), expected, rtol=0.05, atol=0.05)

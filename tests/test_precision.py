@@ -113,6 +113,15 @@ def test_cpu_name_reads_the_model_name_line(tmp_path):
     assert cpu_name(tmp_path / "missing")  # falls back to the platform's string, never empty
 
 
+def test_cpu_vendor_reads_the_vendor_id_line(tmp_path):
+    from usfmae_hf.precision import cpu_vendor
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: avx2\n")
+    assert cpu_vendor(cpuinfo) == "AuthenticAMD"
+    assert cpu_vendor(tmp_path / "missing") is None
+
+
 def test_cpu_features_name_the_vector_and_matrix_units(fake_cpu, tmp_path):
     from usfmae_hf.precision import cpu_features
 

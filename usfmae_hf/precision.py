@@ -1,10 +1,12 @@
 """Compute precision: which dtype inference (and later training) runs in, chosen from what the hardware does fast.
 
 ``auto`` picks bfloat16 where it is fast and accurate enough: an x86 CPU with AMX or AVX-512 BF16 (bf16
-matrix instructions; ViT-B/16 features come out about 4x faster with a cosine above 0.9999 to float32),
-or a CUDA GPU of compute capability 8.0 or newer. Everywhere else (AVX2-only CPUs, older GPUs, Apple MPS)
-it picks float32: there bf16 is emulated and no faster. float16 is refused on CPU: without AMX-FP16,
-torch's CPU float16 matrix product is emulated and about 50x slower than float32.
+matrix instructions), or a CUDA GPU of compute capability 8.0 or newer. ViT-B/16 features (2 threads,
+``benchmarks/bench_inference.py``) came out 2.5-3.3x timm's float32 speed on an Intel Xeon with AMX and
+2.2-2.4x on an AMD EPYC with AVX-512 BF16 but no AMX, with a cosine above 0.9999 to float32 on both.
+Everywhere else (AVX2-only CPUs, older GPUs, Apple MPS) it picks float32: there bf16 is emulated and no
+faster. float16 is refused on CPU: without AMX-FP16, torch's CPU float16 matrix product is emulated and
+about 50x slower than float32.
 
 CPU features are read from the ``flags`` lines of ``/proc/cpuinfo`` (what the kernel enables), or,
 where that file does not exist (macOS, Windows), from torch's own CPUID queries.
@@ -61,19 +63,30 @@ def cpu_flags(cpuinfo: Path | None = None) -> frozenset[str] | None:
     return frozenset(flags)
 
 
-def cpu_name(cpuinfo: Path | None = None) -> str:
-    """The CPU's model name (the first ``model name`` line of ``/proc/cpuinfo``), else the platform's processor
-    string; benchmarks print it beside their figures."""
-    import platform
-
+def _cpuinfo_field(name: str, cpuinfo: Path | None = None) -> str | None:
+    """The first ``name`` line's value in ``/proc/cpuinfo``, or ``None`` (no such line, or no such file)."""
     try:
         for line in (cpuinfo or CPUINFO).read_text(errors="replace").splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name":
+            if key.strip() == name:
                 return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return None
+
+
+def cpu_name(cpuinfo: Path | None = None) -> str:
+    """The CPU's model name (``model name`` in ``/proc/cpuinfo``), else the platform's processor string;
+    benchmarks print it beside their figures."""
+    import platform
+
+    return _cpuinfo_field("model name", cpuinfo) or platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_vendor(cpuinfo: Path | None = None) -> str | None:
+    """The CPU's vendor id (``vendor_id`` in ``/proc/cpuinfo``: ``"GenuineIntel"``, ``"AuthenticAMD"``), or
+    ``None`` where it is not known."""
+    return _cpuinfo_field("vendor_id", cpuinfo)
 
 
 # /proc/cpuinfo flag -> the vector / matrix feature it stands for, as benchmarks name them.

@@ -12,8 +12,9 @@ matrix product over their stacked weights) and the MLP's 3072-wide activation go
 batch to batch (a fresh 39 MB tensor costs a page-faulted allocation every time), GELU runs in place, the
 residual adds accumulate inside the matrix products, and with ``pooling="cls"`` the last block runs for the CLS
 token only (the other tokens' last-block outputs are never read). In bfloat16 on an x86 CPU with oneDNN bf16
-support (AMX, AVX-512 BF16) the linear layers use oneDNN with pre-packed weights and GELU and residual adds
-fused into the matrix products. ``fast=False`` runs the stock ``ViTModel`` forward; both agree within float
+support (AMX, AVX-512 BF16), and in float32 on an AMD CPU with AVX-512 (where oneDNN's matrix products beat
+MKL's), the linear layers use oneDNN with pre-packed weights and GELU and residual adds fused into the
+matrix products. ``fast=False`` runs the stock ``ViTModel`` forward; both agree within float
 rounding (ViT-B/16 fp32: max abs difference about 5e-6). Any ``ViTModel`` that is not the plain one (other
 activation, patched or hooked modules, e.g. LoRA; autocast) takes the stock forward. ``torch.compile``
 (inductor, also with freezing or max-autotune) was no faster than this on CPU and took 2 to 4.5 minutes to
@@ -45,7 +46,7 @@ from usfmae_hf.image.processor import build_image_processor, load_image_processo
 from usfmae_hf.io import load_image
 from usfmae_hf.model.directory import encoder_config, model_type
 from usfmae_hf.model.loading import quiet_loading_report
-from usfmae_hf.precision import resolve_dtype
+from usfmae_hf.precision import cpu_flags, cpu_vendor, resolve_dtype
 
 Pooling = Literal["cls", "mean", "patches"]
 ImageLike = Image.Image | np.ndarray | str | os.PathLike
@@ -186,14 +187,30 @@ def fast_path_blocker(encoder: torch.nn.Module) -> str | None:
     return None
 
 
-def _onednn_bf16(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether oneDNN runs ``dtype`` linear layers natively here (bf16 on AMX or AVX-512 BF16 x86 CPUs)."""
-    if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+def _onednn_linear(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the linear layers run on oneDNN with pre-packed weights here rather than on ``torch.mm``.
+
+    bf16 where oneDNN runs it natively (x86 CPUs with AMX or AVX-512 BF16). fp32 on AMD CPUs with AVX-512,
+    where oneDNN's GEMMs beat the MKL ones ``torch.mm`` calls: measured on an AMD EPYC (2 threads), 8-25% per
+    ViT-B GEMM and 1.10x for the whole forward. Other CPUs keep MKL for fp32 (on an Intel Xeon it ran the
+    fused forward at 1.08-1.24x timm; oneDNN fp32 was not measured there).
+    """
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
+    if dtype == torch.float32:
+        amd_avx512 = cpu_vendor() == "AuthenticAMD" and "avx512f" in (cpu_flags() or ())
+        return amd_avx512 and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     try:  # private oneDNN ops (the ones inductor uses); absent or failing in some builds: take the plain ops
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def linear_backend(encoder: ViTModel) -> str:
+    """What runs the fused forward's linear layers for ``encoder`` as it is placed now: ``"oneDNN, pre-packed
+    weights"`` or ``"torch.mm"`` (MKL on x86 builds); benchmarks print it beside their figures."""
+    weight = encoder.layernorm.weight
+    return "oneDNN, pre-packed weights" if _onednn_linear(weight.device, weight.dtype) else "torch.mm"
 
 
 _Weights = tuple[torch.Tensor, torch.Tensor | None]  # (weight, transposed or packed; bias)
@@ -212,7 +229,7 @@ class _FastViT:
 
     def __init__(self, encoder: ViTModel):
         weight = encoder.layernorm.weight
-        self.packed = _onednn_bf16(weight.device, weight.dtype)
+        self.packed = _onednn_linear(weight.device, weight.dtype)
         # Views of the parameters this was built from: they keep those storages alive, so a changed key
         # (storage address, in-place version) reliably means the encoder's weights moved or changed.
         self.sources = [p.detach() for p in _weight_parameters(encoder)]
