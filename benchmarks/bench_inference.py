@@ -18,8 +18,10 @@ as MFU. Also the agreement of the fused and the stock forward. Target: >= 1.15x 
 Precision (section ``precision``; ``--dtype auto`` of the inference commands): the capability detected
 (:mod:`usfmae_hf.precision`); for ViT-B/16 the bf16 paths (bf16 weights: fused and stock forward; fp32
 weights under bf16 autocast) against timm fp32 in the same rounds (target where AMX exists: >= 3x), and
-bf16 against fp32 features on real pydicom-data ultrasound frames: min cosine similarity over frames and
-max abs difference, CLS and patch tokens, for ViT-B/16 and the quickstart's small MAE.
+bf16 against fp32 features on real pydicom-data ultrasound frames: min cosine similarity over frames, max
+abs difference and the error's spread over frames relative to the feature's (median over features: what a
+linear probe on standardised features sees), CLS and patch tokens, for ViT-B/16 and the quickstart's small
+MAE (random weights; ``bench_precision_probe.py`` measures what it costs a probe).
 
 ``compile`` (not run by default: minutes of compiling on 2 cores): ``torch.compile`` (inductor) of the
 stock forward against timm and the fused forward, with its compile time.
@@ -146,10 +148,14 @@ def timm_vit_b(device: torch.device) -> torch.nn.Module:
     return model.eval().to(device)
 
 
-def agreement(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
-    """Min cosine similarity over images and max abs difference of two ``(N, ...)`` feature tensors."""
+def agreement(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float, float]:
+    """Of two ``(N, ...)`` feature tensors: the min cosine similarity over images, the max abs difference and
+    the median over features of the difference's spread over images relative to the reference feature's
+    (what a linear probe on standardised features sees; near-constant features make it large)."""
     a, b = reference.flatten(1).double(), other.flatten(1).double()
-    return torch.nn.functional.cosine_similarity(a, b, dim=1).min().item(), (a - b).abs().max().item()
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=1).min().item()
+    relative = ((a - b).std(0) / a.std(0).clamp_min(1e-12)).median().item()
+    return cosine, (a - b).abs().max().item(), relative
 
 
 def ultrasound_frames(count: int) -> list[np.ndarray]:
@@ -284,12 +290,12 @@ def bench_precision(batch: int, iterations: int, device: torch.device, report: R
         for pooling in ("cls", "patches"):
             reference = extract_features(fp32, pixel_values, pooling, batch_size=batch)
             for name, fast in (("fused", True), ("stock", False)):
-                cosine, difference = agreement(
+                cosine, difference, relative = agreement(
                     reference, extract_features(bf16, pixel_values, pooling, batch_size=batch, fast=fast)
                 )
                 print(
                     f"    bf16 weights ({name} forward) vs fp32, {pooling:7s}: min cosine {cosine:.6f}, "
-                    f"max abs diff {difference:.4f}"
+                    f"max abs diff {difference:.4f}, error / spread over frames {relative:.3f}"
                 )
     time_bf16_paths(fp32, bf16, pixel_values, iterations, report)  # ViT-B, the last model above
 

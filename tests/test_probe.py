@@ -86,6 +86,15 @@ def test_probe_cli(method, dtype, tiny_model_dir, speckle_data, tmp_path, monkey
     assert main(["probe", "--model", str(tiny_model_dir), *_data_flags(speckle_data), "--output-dir", str(output)]) == 2
 
 
+def test_probe_quiet_draws_no_progress_bar(tiny_model_dir, speckle_data, tmp_path, capfd):
+    """--quiet hides the probe's own image-check bars, which are shown otherwise."""
+    argv = ["probe", "--model", str(tiny_model_dir), *_data_flags(speckle_data), "--method", "knn", "--k", "3"]
+    assert main([*argv, "--output-dir", str(tmp_path / "shown")]) == 0
+    assert "checking train images" in capfd.readouterr().err
+    assert main([*argv, "--output-dir", str(tmp_path / "quiet"), "--quiet"]) == 0
+    assert capfd.readouterr().err == ""
+
+
 def test_probabilities_cover_classes_never_seen_in_training():
     rng = np.random.default_rng(0)
     features, labels = rng.normal(size=(12, 4)), np.array([0, 2] * 6)  # class 1 absent

@@ -105,9 +105,9 @@ def add_output_arguments(parser: argparse.ArgumentParser, help_text: str) -> Non
 
 
 def probe_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments of ``run_probe`` from parsed :func:`add_probe_arguments` flags."""
+    """Keyword arguments of ``run_probe`` from parsed :func:`add_probe_arguments` flags (and the global ``--quiet``)."""
     names = ("method", "pooling", "k", "c", "batch_size", "device", "dtype", "seed", "skip_unreadable")
-    return {name: getattr(args, name) for name in names}
+    return {name: getattr(args, name) for name in names} | {"progress": not getattr(args, "quiet", False)}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

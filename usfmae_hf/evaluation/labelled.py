@@ -142,8 +142,10 @@ def _is_readable(image: dict[str, Any]) -> bool:
         return False
 
 
-def drop_unreadable(dataset, *, skip: bool):
+def drop_unreadable(dataset, *, skip: bool, progress: bool = True):
     """Decode every image once; raise :class:`UnreadableImageError` naming the bad ones, or drop them if ``skip``.
+
+    ``progress`` shows a bar per split ("checking train images").
 
     USF-MAE skipped corrupt images with a warning; here that needs ``skip=True`` so that a broken
     download is never trained on silently.
@@ -155,7 +157,7 @@ def drop_unreadable(dataset, *, skip: bool):
         images = ds.cast_column("image", Image(decode=False))["image"]
         bad = [
             i
-            for i, image in enumerate(tqdm(images, desc=f"checking {split} images", leave=False))
+            for i, image in enumerate(tqdm(images, desc=f"checking {split} images", leave=False, disable=not progress))
             if not _is_readable(image)
         ]
         names = [ds["id"][i] for i in bad[:5]]

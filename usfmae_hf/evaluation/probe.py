@@ -60,6 +60,7 @@ def run_probe(
     skip_unreadable: bool = False,
     seed: int = 0,
     overwrite: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Extract frozen features of every split, fit the probe on train, score validation and test.
 
@@ -68,12 +69,13 @@ def run_probe(
     ``dtype`` is the encoder's precision (``auto``, ``fp32``, ``bf16``, ``fp16``; see
     :func:`usfmae_hf.precision.choose_precision`), recorded in the results as ``dtype`` and ``precision``.
     Returns the flat results written to ``all_results.json``; a split lacking a class is flagged in
-    ``{split}_warnings`` (see :func:`usfmae_hf.evaluation.reporting.absent_class_warnings`).
+    ``{split}_warnings`` (see :func:`usfmae_hf.evaluation.reporting.absent_class_warnings`). ``progress`` shows
+    the bars of the image check.
     """
     from usfmae_hf.inference.features import extract_features, load_encoder
     from usfmae_hf.precision import choose_precision
 
-    dataset = drop_unreadable(load_labelled_images(**data), skip=skip_unreadable)
+    dataset = drop_unreadable(load_labelled_images(**data), skip=skip_unreadable, progress=progress)
     label_names = check_labels(dataset)
     if not any(split in dataset for split in EVAL_SPLITS):
         raise UsfmaeError("probing needs a validation or test split to score")

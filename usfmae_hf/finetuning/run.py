@@ -169,7 +169,9 @@ class ClassificationTask(FineTuningTask):
 
     def load_data(self) -> tuple[Any, list[str]]:
         dataset = labelled.load_labelled_images(**self.data_args.source())
-        dataset = labelled.drop_unreadable(dataset, skip=self.data_args.skip_unreadable)
+        dataset = labelled.drop_unreadable(
+            dataset, skip=self.data_args.skip_unreadable, progress=not self.training_args.disable_tqdm
+        )
         return dataset, labelled.check_labels(dataset)
 
     def build_model(self, label_names: Sequence[str], recipe: Mapping[str, Any]):
