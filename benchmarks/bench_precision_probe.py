@@ -53,7 +53,8 @@ def distinct_frames(frame_stride: int) -> list[np.ndarray]:
     distinct = {}  # US1_J2KR is US1_UNCR again, OBXXXX1A comes in three encodings
     for name in ULTRASOUND_DICOMS:
         for frame in load_frames(get_testdata_file(name), frame_stride=frame_stride):
-            distinct.setdefault(pixel_sha256(np.asarray(frame.image)), np.asarray(frame.image))
+            image = np.asarray(frame.image)
+            distinct.setdefault(pixel_sha256(image), image)
     return list(distinct.values())
 
 
@@ -154,9 +155,19 @@ def main() -> None:
     )
     parser.add_argument("--device", default=None, help="where the encoder runs (default: CPU)")
     args = parser.parse_args()
+    if args.seeds < 1 or args.frame_stride < 1:
+        parser.error("--seeds and --frame-stride must be at least 1")
 
+    from usfmae_hf.errors import UsfmaeError
     from usfmae_hf.launch import library_progress_bars
+    from usfmae_hf.model.directory import model_type
     from usfmae_hf.quickstart.runner import SMALL_MAE
+
+    for path in args.model:  # before minutes of work on the built-in models
+        try:
+            model_type(path)
+        except UsfmaeError as error:
+            parser.error(f"--model {error}")
 
     device = torch.device(args.device or "cpu")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()

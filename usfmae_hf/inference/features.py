@@ -296,7 +296,7 @@ class _FastViT:
         return torch.ops.aten.gelu_(out) if gelu else out
 
     def _linear_add(self, x: torch.Tensor, weights: _Weights, residual: torch.Tensor) -> torch.Tensor:
-        """``residual + linear(x)``; overwrites ``residual`` unless the weights are packed (at one precision)."""
+        """``residual + linear(x)``; overwrites ``residual``, except on oneDNN when both have one precision."""
         if residual.dtype != x.dtype:  # an fp32 residual stream
             rows, width = residual.shape
             return residual.add_(
